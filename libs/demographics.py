@@ -144,16 +144,18 @@ def _check_header(path: Path, header: list[str] | None) -> None:
         raise DemographicsError(f"{path}: missing column {col!r}; header must be {','.join(COLUMNS)}")
 
 
-def read_demographics_csv(path: str | os.PathLike) -> list[Demographics]:
-    """Read and validate a cohort ``demographics.csv``.
+def read_demographics_rows(path: str | os.PathLike) -> tuple[list[Demographics], list[str]]:
+    """Read a demographics CSV leniently: the valid records, and one message per bad row.
 
-    Raises :class:`DemographicsError` with ``<file> line <n> (subject_id): <field>: <reason>`` for
-    the first bad row; duplicate subject ids are an error.
+    For batch jobs (inference) where one bad row must not stop the others.  File-level problems
+    (missing file, bad header) still raise :class:`DemographicsError`.  Messages read
+    ``<file> line <n> (subject_id): <field>: <reason>``.
     """
     path = Path(path)
     if not path.is_file():
         raise DemographicsError(f"{path}: file not found")
     records: list[Demographics] = []
+    errors: list[str] = []
     seen: dict[str, int] = {}
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh, skipinitialspace=True)
@@ -167,12 +169,26 @@ def read_demographics_csv(path: str | os.PathLike) -> list[Demographics]:
             try:
                 rec = parse_row(row)
             except DemographicsError as exc:
-                raise DemographicsError(f"{path} line {line} ({sid or 'no id'}): {exc}") from None
+                errors.append(f"{path} line {line} ({sid or 'no id'}): {exc}")
+                continue
             if rec.subject_id in seen:
-                raise DemographicsError(f"{path} line {line}: subject_id {rec.subject_id!r} duplicates "
-                                        f"line {seen[rec.subject_id]}")
+                errors.append(f"{path} line {line}: subject_id {rec.subject_id!r} duplicates line "
+                              f"{seen[rec.subject_id]}")
+                continue
             seen[rec.subject_id] = line
             records.append(rec)
+    return records, errors
+
+
+def read_demographics_csv(path: str | os.PathLike) -> list[Demographics]:
+    """Read and validate a cohort ``demographics.csv``.
+
+    Raises :class:`DemographicsError` with ``<file> line <n> (subject_id): <field>: <reason>`` for
+    the first bad row; duplicate subject ids are an error.
+    """
+    records, errors = read_demographics_rows(path)
+    if errors:
+        raise DemographicsError(errors[0])
     if not records:
         raise DemographicsError(f"{path}: no subjects")
     return records

@@ -24,7 +24,8 @@ def _cohort(tmp_path, labels=True):
     cohort.write_demographics([SUBJECT])
     ct, suv, lab = _volumes()
     affine = centered_affine(SHAPE, (2.0, 2.5, 3.0))
-    cohort.write_subject(SUBJECT.subject_id, ct, suv, affine, labels=lab if labels else None, meta={"seed": 3})
+    cohort.write_subject(SUBJECT.subject_id, ct, suv, affine, labels=lab if labels else None,
+                         meta={"seed": 3})
     return cohort, ct, suv, lab, affine
 
 
@@ -36,7 +37,8 @@ def test_write_then_load_round_trip(tmp_path):
         for name, vol, want, dtype in (("ct", s.ct, ct, np.int16), ("suv", s.suv, suv, np.float32),
                                        ("labels", s.labels, lab, np.uint8)):
             assert vol is not None, f"{name} missing after load"
-            assert vol.array.dtype == dtype, f"{name} dtype: expected {np.dtype(dtype)}, got {vol.array.dtype}"
+            assert vol.array.dtype == dtype, \
+                f"{name} dtype: expected {np.dtype(dtype)}, got {vol.array.dtype}"
             np.testing.assert_array_equal(vol.array, want, err_msg=f"{name} array changed in the round trip")
             np.testing.assert_allclose(vol.affine, affine, atol=1e-5, err_msg=f"{name} affine changed")
     assert cohort.load(SUBJECT, labels=False).labels is None, "labels=False should skip the labels"
@@ -59,7 +61,8 @@ def test_suv_on_another_grid_is_refused(tmp_path, change):
     write_volume(suv_path, suv, other, "suv")
     with pytest.raises(VolumeError) as info:
         cohort.load(SUBJECT)
-    assert str(suv_path) in str(info.value), f"expected the SUV path {suv_path} in the message, got: {info.value}"
+    assert str(suv_path) in str(info.value), \
+        f"expected the SUV path {suv_path} in the message, got: {info.value}"
 
 
 def test_is_complete(tmp_path):

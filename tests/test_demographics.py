@@ -101,10 +101,13 @@ def test_lowercase_sex_and_spaces_accepted(tmp_path):
 
 def test_encode_known_subject():
     got = Demographics("a01", 1.75, 80.0, "M", 50.0).encode()
-    assert got.dtype == np.float32 and got.shape == (4,), f"encode: expected float32 (4,), got {got.dtype} {got.shape}"
-    np.testing.assert_allclose(got, [0.75, 0.5, 1.0, 0.5], rtol=1e-6, err_msg="encode(1.75 m, 80 kg, M, 50 y)")
+    assert got.dtype == np.float32 and got.shape == (4,), \
+        f"encode: expected float32 (4,), got {got.dtype} {got.shape}"
+    np.testing.assert_allclose(got, [0.75, 0.5, 1.0, 0.5], rtol=1e-6,
+                               err_msg="encode(1.75 m, 80 kg, M, 50 y)")
     female = Demographics("b", 1.60, 30.0, "F", 20.0).encode()
-    np.testing.assert_allclose(female, [0.6, 0.0, 0.0, 0.2], atol=1e-6, err_msg="encode(1.60 m, 30 kg, F, 20 y)")
+    np.testing.assert_allclose(female, [0.6, 0.0, 0.0, 0.2], atol=1e-6,
+                               err_msg="encode(1.60 m, 30 kg, F, 20 y)")
     many = encode_many([Demographics("a", 1.75, 80.0, "M", 50.0), Demographics("b", 1.60, 30.0, "F", 20.0)])
     np.testing.assert_allclose(many, np.stack([got, female]), err_msg="encode_many rows")
 
@@ -119,7 +122,8 @@ def test_bmi_and_dubois_bsa():
 
 def test_numpy_numbers_accepted():
     d = Demographics("n1", np.float32(1.75), np.int64(80), "M", np.float64(50.0))
-    np.testing.assert_allclose(d.encode(), [0.75, 0.5, 1.0, 0.5], rtol=1e-6, err_msg="encode of numpy scalars")
+    np.testing.assert_allclose(d.encode(), [0.75, 0.5, 1.0, 0.5], rtol=1e-6,
+                               err_msg="encode of numpy scalars")
     for bad in (math.nan, math.inf, None, "1.75", True):
         with pytest.raises(DemographicsError, match="height_m"):
             Demographics("n1", bad, 80.0, "M", 50.0)

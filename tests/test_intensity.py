@@ -38,7 +38,8 @@ def test_suv_round_trip_is_exact(to_tensor, dtype):
     err = np.abs(back - suv)
     worst = int(np.argmax(err / tol))
     assert (err <= tol).all(), \
-        f"SUV round trip ({dtype.__name__}): at SUV {suv[worst]} got {back[worst]}, error {err[worst]} > {tol[worst]}"
+        f"SUV round trip ({dtype.__name__}): at SUV {suv[worst]} got {back[worst]}, " \
+        f"error {err[worst]} > {tol[worst]}"
 
 
 def test_unit_round_trip_other_direction():
@@ -57,7 +58,8 @@ def test_specific_values():
     ]
     for fn, x, want in cases:
         got = float(fn(np.float64(x)))
-        assert got == pytest.approx(want, rel=1e-12, abs=1e-12), f"{fn.__name__}({x}): expected {want}, got {got}"
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12), \
+            f"{fn.__name__}({x}): expected {want}, got {got}"
 
 
 def test_inverse_is_a_single_exponentiation():
@@ -66,7 +68,8 @@ def test_inverse_is_a_single_exponentiation():
     got = unit_to_suv(u)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg="unit_to_suv(u) must be 26**u − 1")
     got_t = unit_to_suv(torch.from_numpy(u)).numpy()
-    np.testing.assert_allclose(got_t, want, rtol=1e-12, atol=1e-12, err_msg="torch unit_to_suv(u) ≠ 26**u − 1")
+    np.testing.assert_allclose(got_t, want, rtol=1e-12, atol=1e-12,
+                               err_msg="torch unit_to_suv(u) must be 26**u − 1")
 
 
 def test_clipping_outside_range():
@@ -84,7 +87,8 @@ def test_clipping_outside_range():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("fn, x", [(ct_to_unit, 100.0), (unit_to_ct, 0.3), (suv_to_unit, 2.0), (unit_to_suv, 0.3)])
+@pytest.mark.parametrize("fn, x", [(ct_to_unit, 100.0), (unit_to_ct, 0.3), (suv_to_unit, 2.0),
+                                   (unit_to_suv, 0.3)])
 def test_torch_type_and_dtype_preserved(dtype, fn, x):
     t = torch.full((1, 2, 3, 4, 5), x, dtype=dtype)
     out = fn(t)
@@ -98,7 +102,8 @@ def test_numpy_dtype_preserved(dtype):
     for fn in (ct_to_unit, unit_to_ct, suv_to_unit, unit_to_suv):
         out = fn(np.zeros((2, 3), dtype=dtype))
         assert isinstance(out, np.ndarray) and out.dtype == dtype, \
-            f"{fn.__name__}: expected ndarray {np.dtype(dtype)}, got {type(out).__name__} {getattr(out, 'dtype', '')}"
+            f"{fn.__name__}: expected ndarray {np.dtype(dtype)}, " \
+            f"got {type(out).__name__} {getattr(out, 'dtype', '')}"
 
 
 def test_integer_inputs_accepted():
@@ -110,6 +115,7 @@ def test_integer_inputs_accepted():
     assert got_t.is_floating_point(), f"torch int16 HU should give a float tensor, got {got_t.dtype}"
     assert got_t.tolist() == [0.0, 0.5, 1.0], f"torch int16 HU → unit: got {got_t.tolist()}"
     suv = suv_to_unit(np.array([0, 1, 25, 40], dtype=np.int64))
-    np.testing.assert_allclose(suv, [0.0, 1.0 / math.log2(26.0), 1.0, 1.0], rtol=1e-6, err_msg="int SUV → unit")
+    np.testing.assert_allclose(suv, [0.0, 1.0 / math.log2(26.0), 1.0, 1.0], rtol=1e-6,
+                               err_msg="int SUV → unit")
     assert float(suv_to_unit(3)) == pytest.approx(2.0 / math.log2(26.0), rel=1e-6), "python int SUV"
     np.testing.assert_allclose(unit_to_suv(np.array([0, 1])), [0.0, 25.0], rtol=1e-6, err_msg="int u → SUV")

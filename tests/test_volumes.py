@@ -47,7 +47,8 @@ def test_round_trip_keeps_world_coordinates(tmp_path):
     want = voxel_to_world(affine, MARK)
     np.testing.assert_allclose(want, [-100 + 2 * 3, 40.5 + 2.5 * 7, 812 + 3 * 5], err_msg="voxel_to_world")
     got = _marked_world(vol)
-    np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"marked voxel world mm: expected {want}, got {got}")
+    np.testing.assert_allclose(got, want, atol=1e-4,
+                               err_msg=f"marked voxel world mm: expected {want}, got {got}")
     assert vol.spacing == pytest.approx((2.0, 2.5, 3.0)), f"spacing: expected (2, 2.5, 3), got {vol.spacing}"
 
 
@@ -172,7 +173,8 @@ def test_written_file_has_ordinary_permissions(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     got, want = path.stat().st_mode & 0o777, plain.stat().st_mode & 0o777
-    assert got == want, f"permissions: expected {oct(want)} like any new file (umask {oct(umask)}), got {oct(got)}"
+    assert got == want, \
+        f"permissions: expected {oct(want)} like any new file (umask {oct(umask)}), got {oct(got)}"
 
 
 @pytest.mark.parametrize("shape, spacing", [((56, 56, 96), 8.0), ((7, 10, 5), (2.0, 2.5, 3.0))])

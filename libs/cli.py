@@ -1,0 +1,43 @@
+"""Shared pieces of the stage scripts: common click options and one-line error reporting."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataError
+from .demographics import DemographicsError
+from .volumes import VolumeError
+
+EXPECTED_ERRORS = (ConfigError, DataError, DemographicsError, VolumeError, CheckpointError, FileNotFoundError)
+
+
+def run_guarded(job) -> None:
+    """Run ``job()``; turn the project's expected errors into a one-line message and exit code 1."""
+    try:
+        job()
+    except EXPECTED_ERRORS as exc:
+        raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+def training_options(fn):
+    """--config, --cohort, --run-dir, --set, --device, --dry-run, --quiet."""
+    opts = [
+        click.option("--config", required=True, type=click.Path(dir_okay=False), metavar="YAML",
+                     help="Preset, e.g. 1_Trainings/configs/lowres_paper.yaml."),
+        click.option("--cohort", type=click.Path(file_okay=False), metavar="DIR",
+                     help="Override data.cohort (the training cohort directory)."),
+        click.option("--run-dir", type=click.Path(file_okay=False), metavar="DIR",
+                     help="Override run_dir (checkpoints, log.jsonl, config.yaml)."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key, e.g. --set optim.batch=4 (repeatable)."),
+        click.option("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N."),
+        click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return functools.wraps(fn)(fn)

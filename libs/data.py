@@ -1,0 +1,138 @@
+"""Training data from a cohort directory.
+
+Each subject becomes one normalized volume ``(2, X, Y, Z)`` (channel 0 CT, channel 1 PET, both in
+[0, 1], see :mod:`libs.intensity`) on the training grid: the cohort's in-plane grid with z resampled to a
+fixed number of slices (the paper: 224 × 224 × 384 from 2 mm data).  The low-resolution stage trains on
+4× polyphase subsamples of it — every offset (ox, oy, oz) ∈ {0..3}³ is a distinct 56 × 56 × 96 sample —
+paired with the four demographic channels.  Volumes are cached in memory (float16) after the first
+load, optionally also on disk as ``.npy`` so a restart skips the NIfTI decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .cohort import Cohort
+from .demographics import Demographics, encode_many
+from .intensity import ct_to_unit, suv_to_unit
+
+
+class DataError(ValueError):
+    """The cohort cannot serve as training data (missing files, wrong grid)."""
+
+
+def normalized_volume(cohort: Cohort, demo: Demographics, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Read one subject and return ``(2, X, Y, Z)`` float16 in [0, 1] on ``grid``.
+
+    CT (HU) and SUV are resampled along z (linear) in physical units, then mapped to [0, 1].  The
+    in-plane size must already equal the grid's (preprocessing makes it 224 × 224 at 2 mm).
+    """
+    subj = cohort.load(demo, labels=False)
+    shape = subj.ct.shape
+    if tuple(shape[:2]) != tuple(grid[:2]):
+        raise DataError(f"{cohort.path('ct', demo.subject_id)}: in-plane size {shape[0]}×{shape[1]} differs from "
+                        f"data.grid {grid[0]}×{grid[1]}; make the cohort on that grid (phantom: --spacing-mm "
+                        f"{448 / grid[0]:g})")
+    vol = torch.from_numpy(np.stack([subj.ct.array.astype(np.float32), subj.suv.array.astype(np.float32)]))
+    if shape[2] != grid[2]:
+        vol = F.interpolate(vol[None], size=tuple(grid), mode="trilinear", align_corners=False)[0]
+    return torch.stack([ct_to_unit(vol[0]), suv_to_unit(vol[1])]).to(torch.float16)
+
+
+def polyphase(volume: torch.Tensor, factor: int, offset: tuple[int, int, int]) -> torch.Tensor:
+    """Every ``factor``-th voxel starting at ``offset``: ``(..., X, Y, Z)`` → ``(..., X/f, Y/f, Z/f)``."""
+    ox, oy, oz = offset
+    return volume[..., ox::factor, oy::factor, oz::factor]
+
+
+def offset_of(k: int, factor: int) -> tuple[int, int, int]:
+    """The k-th of the ``factor³`` polyphase offsets (x slowest)."""
+    return k // factor**2, (k // factor) % factor, k % factor
+
+
+class CohortVolumes:
+    """All subjects of a cohort as normalized training volumes, loaded once (threads) and kept in memory."""
+
+    def __init__(self, cohort_dir: str | os.PathLike, grid, cache_dir: str | os.PathLike | None = None,
+                 workers: int = 4, progress: bool = True):
+        self.cohort = Cohort(cohort_dir)
+        if not self.cohort.demographics_path.is_file():
+            raise DataError(f"{self.cohort.demographics_path}: not found; is {cohort_dir} a cohort directory?")
+        self.records = self.cohort.demographics()
+        self.grid = tuple(int(g) for g in grid)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        for d in self.records:
+            for kind in ("ct", "suv"):
+                if not self.cohort.path(kind, d.subject_id).is_file():
+                    raise DataError(f"{self.cohort.path(kind, d.subject_id)}: missing (subject {d.subject_id} is "
+                                    f"listed in {self.cohort.demographics_path})")
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            it = pool.map(self._load, self.records)
+            self.volumes = list(tqdm(it, total=len(self.records), desc="loading cohort", unit="subj",
+                                     disable=not progress))
+        self.cond = torch.from_numpy(encode_many(self.records))
+
+    def _load(self, demo: Demographics) -> torch.Tensor:
+        if self.cache_dir is None:
+            return normalized_volume(self.cohort, demo, self.grid)
+        path = self.cache_dir / f"{demo.subject_id}_{'x'.join(map(str, self.grid))}.npy"
+        if path.is_file():
+            try:
+                return torch.from_numpy(np.load(path))
+            except (OSError, ValueError):
+                pass  # a damaged cache entry is rebuilt below
+        vol = normalized_volume(self.cohort, demo, self.grid)
+        from .files import atomic_path
+        with atomic_path(path) as tmp:
+            np.save(tmp, vol.numpy())
+        return vol
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class PolyphaseSamples:
+    """Low-resolution training samples: index i → subject i // f³, polyphase offset i % f³."""
+
+    def __init__(self, volumes: CohortVolumes, factor: int):
+        if any(g % factor for g in volumes.grid):
+            raise DataError(f"data.grid {volumes.grid} is not divisible by data.factor {factor}")
+        self.volumes, self.factor = volumes, factor
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.factor**3
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(g // self.factor for g in self.volumes.grid)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 2, X/f, Y/f, Z/f) float32 in [0, 1] and demographics (B, 4) float32."""
+        per = self.factor**3
+        xs = [polyphase(self.volumes.volumes[i // per], self.factor, offset_of(i % per, self.factor))
+              for i in indices]
+        cond = self.volumes.cond[[i // per for i in indices]]
+        return torch.stack(xs).float(), cond
+
+
+def batch_indices(step: int, batch: int, rank: int, world: int, n_items: int, seed: int) -> list[int]:
+    """Sample indices of one rank's batch at ``step``: a pure function, so a resumed run sees the same data.
+
+    The global stream walks through a fresh permutation of all items each epoch; ranks take disjoint,
+    consecutive slices of it.
+    """
+    start = (step * world + rank) * batch
+    out, cache = [], {}
+    for g in range(start, start + batch):
+        epoch = g // n_items
+        if epoch not in cache:
+            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(n_items)
+        out.append(int(cache[epoch][g % n_items]))
+    return out

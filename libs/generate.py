@@ -1,0 +1,228 @@
+"""Inference: trained checkpoints + a demographics CSV → a synthetic cohort directory.
+
+Per subject the sampler starts from noise drawn from the subject's own seed (derived from the job seed
+and the subject id), so subject k is reproducible on its own, in any batch and on any row of any CSV.
+Jobs resume (complete subjects are skipped), and a failing row is reported without stopping the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm import tqdm
+
+from .checkpoint import latest_checkpoint, load_checkpoint, sha256_file, versions
+from .cohort import Cohort
+from .config import load_config
+from .demographics import Demographics, encode_many, read_demographics_rows
+from .diffusion import Denoiser
+from .ema import PowerFunctionEMA
+from .files import atomic_write_text
+from .intensity import CT_BACKGROUND_HU, unit_to_ct, unit_to_suv
+from .lowres import LowresConfig, SampleConfig, Standardize, expand_cond
+from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
+from .volumes import centered_affine
+
+
+@dataclass
+class Model:
+    """A loaded stage: its denoiser (EMA weights by default), config and provenance."""
+
+    denoiser: Denoiser
+    config: LowresConfig
+    path: Path
+    sha256: str
+    step: int
+    standardize: Standardize
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or the newest valid checkpoint of a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no checkpoint (ckpt-*.pt) in this run folder")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return path
+
+
+def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> Model:
+    """Load a low-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint) and
+    build its network in eval mode."""
+    path = resolve_checkpoint(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cfg = load_config(ckpt["config"], LowresConfig, origin=f"{path} (config)")
+    net = cfg.model.build(in_channels=2, cond_channels=4)
+    net.load_state_dict(ckpt["model"])
+    if ema and ckpt.get("ema"):
+        averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
+        averaged.load_state_dict(ckpt["ema"])
+        averaged.copy_to(net)
+    net.eval().to(device)
+    std = Standardize.from_record(ckpt["normalization"], cfg.diffusion.sigma_data)
+    return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, Path(path), sha256_file(path), int(ckpt["step"]), std)
+
+
+def subject_seed(seed: int, subject_id: str) -> int:
+    """The sampling seed of one subject: a function of the job seed and the subject id only."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(subject_id.encode())]).generate_state(1)[0] % 2**31)
+
+
+@torch.no_grad()
+def sample_lowres(model: Model, records: list[Demographics], seeds: list[int], sample: SampleConfig,
+                  device: torch.device, progress: bool = False) -> torch.Tensor:
+    """Low-resolution samples (B, 2, X, Y, Z) in [0, 1] (channel 0 CT, 1 PET) for ``records``."""
+    shape = model.config.sample_shape
+    cond = expand_cond(torch.from_numpy(encode_many(records)), shape).to(device)
+    sigmas = karras_sigmas(sample.steps, sample.sigma_min, sample.sigma_max, sample.rho, device=device)
+    x = initial_noise((2, *shape), seeds, sample.sigma_max, device=device)
+    solver = sample_heun if sample.solver == "heun" else sample_euler
+    gens = per_sample_generators(seeds, stream=1, device=device) if sample.churn > 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    with autocast:
+        x = solver(model.denoiser, x, sigmas, cond, churn=sample.churn, generator=gens, progress=progress)
+    return model.standardize.from_net(x.float()).clamp(0.0, 1.0)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def restore_background(ct_hu: np.ndarray) -> np.ndarray:
+    """Set air outside the body to −1000 HU: voxels at the clipped floor (≤ −495 HU) connected, within each
+    axial slice, to the slice border.  Air inside the body (lungs, bowel gas) stays at the −500 HU floor of
+    the paper's CT window."""
+    out = ct_hu.copy()
+    low = ct_hu <= -495
+    for k in range(ct_hu.shape[2]):
+        lab, n = ndimage.label(low[:, :, k])
+        if n == 0:
+            continue
+        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        out[:, :, k][np.isin(lab, border[border > 0])] = CT_BACKGROUND_HU
+    return out
+
+
+def to_physical(u: torch.Tensor, demo: Demographics, cfg: LowresConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One sample (2, X, Y, Z) in [0, 1] → CT (HU), SUV and the RAS+ affine of its true grid.
+
+    In-plane voxels are ``in_plane_mm × factor`` (8 mm for the paper); the z axis spans the body length
+    predicted from height by the height law, so z spacing = length / slices."""
+    ct = restore_background(unit_to_ct(u[0].cpu().numpy()))
+    suv = unit_to_suv(u[1].cpu().numpy()).astype(np.float32)
+    shape = ct.shape
+    xy = cfg.in_plane_mm * cfg.data.grid[0] / shape[0]
+    dz = cfg.height_law.length_mm(demo.height_m) / shape[2]
+    return ct, suv, centered_affine(shape, (xy, xy, dz))
+
+
+@dataclass
+class JobReport:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _meta(demo: Demographics, seed: int, sample: SampleConfig, model: Model, extra: dict) -> dict:
+    return {"subject_id": demo.subject_id, "demographics": asdict(demo), "seed": seed, "sampler": asdict(sample),
+            "checkpoints": {"lowres": {"path": str(model.path), "sha256": model.sha256, "step": model.step}},
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+
+
+def _pending(cohort: Cohort, records: list[Demographics], overwrite: bool, report: JobReport) -> list[Demographics]:
+    todo = []
+    for d in records:
+        if not overwrite and cohort.path("meta", d.subject_id).is_file() and cohort.is_complete(d.subject_id):
+            report.skipped.append(d.subject_id)
+        else:
+            todo.append(d)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return todo[rank::world]
+
+
+def generate_lowres_cohort(lowres: str | os.PathLike, demographics_csv: str | os.PathLike,
+                           out: str | os.PathLike, seed: int = 0, sample: SampleConfig | None = None,
+                           batch: int = 4, device: str = "auto", ema: bool = True, previews: bool = True,
+                           overwrite: bool = False, progress: bool = True) -> JobReport:
+    """Sample a low-resolution synthetic cohort (CT HU, SUV on the 8 mm grid) into ``out``."""
+    start, report = time.perf_counter(), JobReport()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    records, bad_rows = read_demographics_rows(demographics_csv)
+    for msg in bad_rows:
+        report.failed[msg.split(": ", 1)[0]] = msg
+    model = load_lowres_model(lowres, dev, ema=ema)
+    sample = sample or model.config.sample
+    cohort = Cohort(out)
+    if int(os.environ.get("RANK", "0")) == 0 and records:
+        cohort.write_demographics(records)
+    todo = _pending(cohort, records, overwrite, report)
+    bar = tqdm(total=len(todo), desc="generating", unit="subj", disable=not progress or not todo)
+    for i in range(0, len(todo), batch):
+        chunk = todo[i:i + batch]
+        seeds = [subject_seed(seed, d.subject_id) for d in chunk]
+        try:
+            u = sample_lowres(model, chunk, seeds, sample, dev)
+        except Exception as exc:  # noqa: BLE001 - report the batch, go on with the next one
+            for d in chunk:
+                report.failed[d.subject_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+            bar.update(len(chunk))
+            continue
+        for d, s, ui in zip(chunk, seeds, u):
+            try:
+                _write_generated(cohort, d, s, ui, model, sample, previews)
+                report.written.append(d.subject_id)
+            except Exception as exc:  # noqa: BLE001
+                report.failed[d.subject_id] = f"{type(exc).__name__}: {exc}"
+            bar.update()
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write_generated(cohort: Cohort, demo: Demographics, seed: int, u: torch.Tensor, model: Model,
+                     sample: SampleConfig, previews: bool) -> None:
+    ct, suv, affine = to_physical(u, demo, model.config)
+    meta = _meta(demo, seed, sample, model, {"stage": "lowres", "spacing_mm": [float(v) for v in
+                                                                              np.abs(np.diag(affine)[:3])]})
+    cohort.write_subject(demo.subject_id, ct, suv, affine, meta=None)
+    if previews:
+        from .previews import preview_sheet
+        spacing = tuple(float(v) for v in np.abs(np.diag(affine)[:3]))
+        preview_sheet(cohort.path("previews", demo.subject_id), demo, ct, suv, spacing)
+    atomic_write_text(cohort.path("meta", demo.subject_id), json.dumps(meta, indent=2) + "\n")
+
+
+def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
+    """Export a stage's network weights (the first EMA by default) as a plain UNet state_dict in
+    safetensors, with the resolved config, normalization constants, step and source sha256 as JSON
+    metadata — loadable with ``safetensors.torch.load_file`` and ``UNet.load_state_dict``."""
+    import safetensors.torch
+
+    from .files import atomic_path
+    model = load_lowres_model(ckpt, torch.device("cpu"), ema=ema)
+    raw = load_checkpoint(model.path)
+    meta = {"format": "totalgen-unet", "weights": "ema" if ema else "model", "step": model.step,
+            "ema_sigma_rel": model.config.loop.ema_sigma_rels[0] if ema else None,
+            "config": raw["config"], "normalization": raw["normalization"], "versions": raw["versions"],
+            "source_checkpoint": model.path.name, "source_sha256": model.sha256}
+    tensors = {k: v.contiguous() for k, v in model.denoiser.net.state_dict().items()}
+    with atomic_path(out) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return Path(out)

@@ -1,0 +1,186 @@
+"""The low-resolution stage: a demographics-conditioned 3D diffusion model of the whole body.
+
+Training data are 4× polyphase subsamples of the training grid (paper: 56 × 56 × 96 at 8 mm from
+224 × 224 × 384), conditioned on four constant demographic channels; the network is the EDM2-style
+:class:`libs.nn.UNet` under EDM preconditioning, trained with the EDM2 uncertainty-weighted loss.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import check_range, load_config, to_dict
+from .data import CohortVolumes, PolyphaseSamples, batch_indices
+from .diffusion import EDM2Loss
+from .intensity import CT_MAX_HU, CT_MIN_HU, SUV_MAX
+from .nn import UNet, count_parameters
+from .training import LoopConfig, OptimConfig, Trainer
+
+
+@dataclass
+class DataConfig:
+    cohort: str = "data/cohort"           # cohort directory (relative paths: from the current directory)
+    grid: list[int] = field(default_factory=lambda: [224, 224, 384])   # training grid (x, y, z voxels)
+    factor: int = 4                       # polyphase factor: samples are grid / factor
+    cache_dir: str | None = None          # optional .npy cache of normalized volumes
+    load_workers: int = 4                 # threads decoding NIfTI files at start-up
+
+    def __post_init__(self):
+        if len(self.grid) != 3:
+            raise ValueError(f"grid must have 3 entries, got {self.grid}")
+        check_range("factor", self.factor, low=1)
+
+
+@dataclass
+class ModelConfig:
+    model_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    num_blocks: int = 3
+    attn_levels: list[int] = field(default_factory=lambda: [-1])     # -1 = the coarsest level
+    dropout: float = 0.0
+    channels_per_head: int = 64
+
+    def build(self, in_channels: int, cond_channels: int) -> UNet:
+        return UNet(in_channels=in_channels, cond_channels=cond_channels, model_channels=self.model_channels,
+                    channel_mult=self.channel_mult, num_blocks=self.num_blocks, attn_levels=self.attn_levels,
+                    dropout=self.dropout, channels_per_head=self.channels_per_head)
+
+
+@dataclass
+class DiffusionConfig:
+    sigma_data: float = 0.5
+    P_mean: float = -0.4
+    P_std: float = 1.0
+
+
+@dataclass
+class SampleConfig:
+    """EDM sampler settings used by inference (and recorded with each generated subject)."""
+
+    solver: str = "heun"
+    steps: int = 32
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    churn: float = 0.0
+
+    def __post_init__(self):
+        if self.solver not in ("heun", "euler"):
+            raise ValueError(f"solver must be 'heun' or 'euler', got {self.solver!r}")
+        check_range("steps", self.steps, low=1)
+
+
+@dataclass
+class HeightLaw:
+    """Body length (slices of ``slice_mm``) = a · height_m + b — the paper's fit at 2 mm by default."""
+
+    a: float = 146.629
+    b: float = 110.419
+    slice_mm: float = 2.0
+
+    def length_mm(self, height_m: float) -> float:
+        return (self.a * height_m + self.b) * self.slice_mm
+
+
+@dataclass
+class LowresConfig:
+    run_dir: str = "runs/lowres"
+    in_plane_mm: float = 2.0               # voxel size of the cohort's x/y grid (224 × 2 mm = 448 mm FOV)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    height_law: HeightLaw = field(default_factory=HeightLaw)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(g // self.data.factor for g in self.data.grid)
+
+
+def load_lowres_config(path: str | os.PathLike) -> LowresConfig:
+    return load_config(path, LowresConfig)
+
+
+def channel_stats(volumes: CohortVolumes) -> tuple[list[float], list[float]]:
+    """Per-channel mean and SD of the [0, 1] training volumes (CT, PET) over all subjects and voxels."""
+    total = torch.zeros(2, dtype=torch.float64)
+    square = torch.zeros(2, dtype=torch.float64)
+    count = 0
+    for vol in volumes.volumes:
+        v = vol.double().flatten(1)
+        total += v.sum(1)
+        square += (v * v).sum(1)
+        count += v.shape[1]
+    mean = total / count
+    std = (square / count - mean**2).clamp_min(1e-8).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+class Standardize:
+    """[0, 1] intensities ↔ network space: x = (u − mean_c) / sd_c · σ_data per channel (zero mean, SD σ_data,
+    the data EDM preconditioning assumes).  The constants are measured on the training cohort and stored
+    in the checkpoint's normalization record."""
+
+    def __init__(self, mean, std, sigma_data: float):
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+        self.sigma_data = sigma_data
+
+    def _shape(self, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return t.to(ref.device).reshape([1, -1] + [1] * (ref.ndim - 2))
+
+    def to_net(self, u: torch.Tensor) -> torch.Tensor:
+        return (u - self._shape(self.mean, u)) / self._shape(self.std, u) * self.sigma_data
+
+    def from_net(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.sigma_data * self._shape(self.std, x) + self._shape(self.mean, x)
+
+    @staticmethod
+    def from_record(norm: dict, sigma_data: float) -> Standardize:
+        return Standardize(norm["channel_mean"], norm["channel_std"], sigma_data)
+
+
+def normalization(cfg: LowresConfig, mean=None, std=None) -> dict:
+    """Constants a checkpoint needs to turn samples back into HU and SUV on a true grid."""
+    return {"channel_mean": mean, "channel_std": std,
+            "ct_range_hu": [CT_MIN_HU, CT_MAX_HU], "suv_max": SUV_MAX, "pet_map": "log2(suv+1)/log2(26)",
+            "channels": ["ct", "pet"], "demographics": ["height_m-1", "(weight_kg-30)/100", "sex(M=1)", "age/100"],
+            "grid": list(cfg.data.grid), "factor": cfg.data.factor, "in_plane_mm": cfg.in_plane_mm,
+            "height_law": [cfg.height_law.a, cfg.height_law.b, cfg.height_law.slice_mm]}
+
+
+def expand_cond(cond: torch.Tensor, shape) -> torch.Tensor:
+    """Demographics (B, 4) → constant channels (B, 4, X, Y, Z)."""
+    return cond[:, :, None, None, None].expand(-1, -1, *shape).contiguous()
+
+
+def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True) -> Path | None:
+    """Train (or resume) the low-resolution model described by ``cfg``; returns the last checkpoint."""
+    volumes = CohortVolumes(cfg.data.cohort, cfg.data.grid, cfg.data.cache_dir, cfg.data.load_workers, progress)
+    samples = PolyphaseSamples(volumes, cfg.data.factor)
+    shape = samples.shape
+    torch.manual_seed(cfg.loop.seed)                     # the same initial weights on every rank and rerun
+    net = cfg.model.build(in_channels=2, cond_channels=4)
+    net.check_input(torch.zeros(1, 2, *shape), torch.zeros(1), torch.zeros(1, 4, *shape))
+    seed = cfg.loop.seed
+    mean, std = channel_stats(volumes)
+    standardize = Standardize(mean, std, cfg.diffusion.sigma_data)
+
+    def batch(step: int, rank: int, world: int):
+        idx = batch_indices(step, cfg.optim.batch // world, rank, world, len(samples), seed)
+        u, cond = samples.batch(idx)
+        return standardize.to_net(u), expand_cond(cond, shape)
+
+    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
+    trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg),
+                      normalization(cfg, mean, std), cfg.diffusion.sigma_data, device=device, progress=progress)
+    if progress and trainer.dist.main:
+        print(f"low-res model: {count_parameters(net) / 1e6:.1f} M parameters, samples {shape}, "
+              f"{len(volumes)} subjects × {cfg.data.factor ** 3} offsets = {len(samples)} training samples")
+    return trainer.run()

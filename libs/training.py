@@ -1,0 +1,258 @@
+"""The training loop shared by both cascade stages: step / checkpoint / report, resume, EMA, DDP.
+
+A stage supplies a network, a loss callable ``loss(denoiser, x, cond, generator) -> (B,)`` and a batch
+function ``batch(step, rank, world) -> (x, cond)``; everything else lives here.  Every random draw of a
+step is seeded from (seed, step, rank), and the batch is a pure function of the step, so a run that is
+stopped and resumed ends with exactly the weights of an uninterrupted run (on the same device).
+
+Multi-GPU: launch with ``torchrun --nproc_per_node N``; each rank gets ``batch / N`` samples, disjoint
+from the others', gradients are averaged by DDP, and only rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from .config import check_range
+from .diffusion import Denoiser
+from .ema import PowerFunctionEMA
+
+
+@dataclass
+class OptimConfig:
+    """Adam with the EDM2 learning-rate law: lr = lr_ref / √max(step / ref_steps, 1), linear warm-up."""
+
+    batch: int = 8                 # global batch (all ranks together)
+    lr_ref: float = 0.01
+    ref_steps: int = 2000          # inverse-square-root decay starts here (EDM2's t_ref, in steps)
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        check_range("batch", self.batch, low=1)
+        check_range("lr_ref", self.lr_ref, low=0.0, low_inclusive=False)
+        check_range("ref_steps", self.ref_steps, low=1)
+        check_range("warmup_steps", self.warmup_steps, low=0)
+
+    def lr(self, step: int) -> float:
+        lr = self.lr_ref / math.sqrt(max(step / self.ref_steps, 1.0))
+        return lr * min(step / self.warmup_steps, 1.0) if self.warmup_steps else lr
+
+
+@dataclass
+class LoopConfig:
+    """Length, bookkeeping and speed switches of a training run."""
+
+    steps: int = 1000
+    seed: int = 0
+    report_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    ema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    bf16: bool = True              # autocast on CUDA (ignored on CPU)
+    channels_last: bool = True     # channels-last 3-D memory format on CUDA
+    compile: bool = False          # torch.compile the network
+    loader_workers: int = 2        # background processes assembling batches (0 = in the loop)
+
+    def __post_init__(self):
+        for name in ("steps", "report_every", "checkpoint_every", "keep_checkpoints"):
+            check_range(name, getattr(self, name), low=1)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(requested: str, d: Dist) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda requested but no CUDA device is available")
+        return torch.device("cuda", d.local_rank if requested == "cuda" else torch.device(requested).index)
+    return torch.device(requested)
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """The random stream of one (step, rank): noise levels and noise of the loss."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+    return g
+
+
+class Trainer:
+    """Runs ``steps`` optimizer steps of ``loss`` on batches from ``batch_fn``, resuming from ``run_dir``."""
+
+    def __init__(self, net: nn.Module, loss: Callable, batch_fn: Callable, optim: OptimConfig, loop: LoopConfig,
+                 run_dir: str | os.PathLike, config: dict, normalization: dict, sigma_data: float,
+                 device: str = "auto", progress: bool = True):
+        self.dist = init_distributed(device)
+        self.device = pick_device(device, self.dist)
+        self.optim_cfg, self.loop, self.loss, self.batch_fn = optim, loop, loss, batch_fn
+        self.run_dir, self.config, self.normalization = Path(run_dir), config, normalization
+        self.progress = progress and self.dist.main
+        if optim.batch % self.dist.world:
+            raise ValueError(f"optim.batch {optim.batch} is not divisible by the {self.dist.world} ranks")
+        self.net = net.to(self.device)
+        if self.device.type == "cuda" and loop.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last_3d)
+        self.ema = PowerFunctionEMA(self.net, loop.ema_sigma_rels)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=optim.lr_ref, betas=optim.betas, eps=optim.eps)
+        self.step = self._resume()
+        model = torch.compile(self.net) if loop.compile else self.net
+        if self.dist.world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.denoiser = Denoiser(model, sigma_data)
+
+    # -- checkpoint ---------------------------------------------------------------------------------
+    def _resume(self) -> int:
+        path = latest_checkpoint(self.run_dir) if self.run_dir.is_dir() else None
+        if path is None:
+            return 0
+        ckpt = load_checkpoint(path, map_location=self.device)
+        step = restore_checkpoint(ckpt, model=self.net, ema=self.ema, optimizer=self.opt)
+        if self.progress:
+            tqdm.write(f"resuming from {path} (step {step})")
+        return step
+
+    def save(self) -> Path | None:
+        """Rank 0 writes ``ckpt-<step>.pt`` atomically and prunes old ones."""
+        if not self.dist.main:
+            return None
+        path = save_checkpoint(checkpoint_path(self.run_dir, self.step), model=self.net, ema=self.ema,
+                               optimizer=self.opt, step=self.step, config=self.config,
+                               normalization=self.normalization)
+        prune_checkpoints(self.run_dir, keep=self.loop.keep_checkpoints)
+        return path
+
+    # -- one step -----------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, cond: torch.Tensor) -> float:
+        """One optimizer step on this rank's batch; returns the mean loss (averaged over ranks)."""
+        self.net.train()
+        torch.manual_seed(self.loop.seed * 7919 + self.step * 31 + self.dist.rank)     # dropout
+        gen = step_generator(self.loop.seed, self.step, self.dist.rank, self.device)
+        for group in self.opt.param_groups:
+            group["lr"] = self.optim_cfg.lr(self.step)
+        x, cond = self._to_device(x), self._to_device(cond)
+        with self._autocast():
+            loss = self.loss(self.denoiser, x, cond, generator=gen).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in self.net.parameters():                 # keep Adam away from rare non-finite gradients
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        self.opt.step()
+        self.ema.update(self.net)
+        self.step += 1
+        value = loss.detach().float()
+        if self.dist.world > 1:
+            dist.all_reduce(value)
+            value /= self.dist.world
+        return float(value)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device, non_blocking=True)
+        if t.ndim == 5 and self.device.type == "cuda" and self.loop.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last_3d)
+        return t
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.loop.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        """Train until ``loop.steps``; checkpoint on schedule and at the end; returns the last checkpoint."""
+        loop, per_rank = self.loop, self.optim_cfg.batch // self.dist.world
+        last = None
+        bar = tqdm(total=loop.steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
+        window, t0, seen = [], time.perf_counter(), 0
+        for x, cond in self._batches(self.step, loop.steps, per_rank):
+            window.append(self.train_step(x, cond))
+            seen += self.optim_cfg.batch
+            bar.update()
+            if self.step % loop.report_every == 0 or self.step == loop.steps:
+                rate = seen / (time.perf_counter() - t0)
+                self._report(sum(window) / len(window), rate)
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", img_s=f"{rate:.1f}")
+                window, t0, seen = [], time.perf_counter(), 0
+            if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
+                last = self.save() or last
+        bar.close()
+        if self.dist.world > 1:
+            dist.barrier()
+        return last if last is not None else latest_checkpoint(self.run_dir)
+
+    def _batches(self, start: int, stop: int, per_rank: int):
+        fn, rank, world = self.batch_fn, self.dist.rank, self.dist.world
+        if self.loop.loader_workers <= 0:
+            for step in range(start, stop):
+                yield fn(step, rank, world)
+            return
+        stream = _StepStream(fn, start, stop, rank, world, self.loop.loader_workers)
+        yield from torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.loop.loader_workers,
+                                               pin_memory=self.device.type == "cuda", prefetch_factor=4,
+                                               persistent_workers=False)
+
+    def _report(self, loss: float, img_per_s: float) -> None:
+        if not self.dist.main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        rec = {"step": self.step, "loss": round(loss, 6), "lr": self.optim_cfg.lr(self.step),
+               "img_per_s": round(img_per_s, 3), "time": time.time()}
+        with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+class _StepStream(torch.utils.data.IterableDataset):
+    """Batches of steps start..stop-1, worker w producing steps w, w + W, … (the loader keeps the order)."""
+
+    def __init__(self, fn, start, stop, rank, world, workers):
+        super().__init__()
+        self.fn, self.start, self.stop, self.rank, self.world, self.workers = fn, start, stop, rank, world, workers
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start + wid, self.stop, n):
+            yield self.fn(step, self.rank, self.world)
