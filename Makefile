@@ -23,13 +23,14 @@ lint: $(STAMP)
 
 # The whole pipeline on the built-in phantom cohort (see README, "Demo"): about 4 minutes on 2 cores.
 demo: $(STAMP)
-	$(PY) 0_Preprocess/0_make_phantom_cohort.py --out $(DEMO)/phantom --n 24 --seed 0 --spacing-mm 4 --quiet \
+	$(PY) 0_Preprocess/0_make_phantom_cohort.py --out $(DEMO)/phantom --n 32 --seed 0 --spacing-mm 8 --quiet \
 	    --previews $(DEMO)/results/phantom_previews --distribution-figure $(DEMO)/results/phantom_distribution.png
 	$(PY) 1_Trainings/train_lowres.py --config 1_Trainings/configs/lowres_demo.yaml --quiet
 	printf 'subject_id,height_m,weight_kg,sex,age_years\nsyn_f_slim,1.60,52,F,35\nsyn_f_heavy,1.62,95,F,60\nsyn_m_slim,1.85,60,M,45\nsyn_m_heavy,1.78,99,M,70\n' > $(DEMO)/generate.csv
-	$(PY) 2_Tests/infer.py --lowres $(DEMO)/runs/lowres --demographics $(DEMO)/generate.csv \
-	    --out $(DEMO)/generated_lowres --quiet
-	@echo "demo finished: figures in $(DEMO)/results, generated volumes and previews in $(DEMO)/generated_lowres"
+	$(PY) 1_Trainings/train_superres.py --config 1_Trainings/configs/superres_demo.yaml --quiet
+	$(PY) 2_Tests/infer.py --lowres $(DEMO)/runs/lowres --superres $(DEMO)/runs/superres \
+	    --demographics $(DEMO)/generate.csv --out $(DEMO)/generated --quiet
+	@echo "demo finished: figures in $(DEMO)/results, generated volumes and previews in $(DEMO)/generated"
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Generate a synthetic PET/CT cohort from a demographics CSV.
+"""Generate a synthetic PET/CT cohort from a demographics CSV: the cascade, or the low-res stage alone.
 
-    python 2_Tests/infer.py --lowres runs/lowres_paper/ckpt-000150000.pt \
+    python 2_Tests/infer.py --lowres runs/lowres_paper --superres runs/superres_paper \
         --demographics cohort.csv --out results/synthetic
+    torchrun --nproc_per_node 4 2_Tests/infer.py ...          # rows split across GPUs
 
 Writes the cohort directory layout (demographics.csv, ct/, suv/, previews/, meta/). Rerunning resumes:
 finished subjects are skipped; a bad CSV row or a failing subject is reported and the rest go on.
@@ -16,38 +17,47 @@ import sys
 import click
 
 from libs.cli import run_guarded
-from libs.generate import generate_lowres_cohort, load_lowres_model
+
+
+def _replace(cfg, **values):
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if v is not None})
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--lowres", required=True, type=click.Path(), metavar="CKPT",
-              help="Low-resolution stage checkpoint (ckpt-*.pt) or its run folder (newest checkpoint).")
+              help="Low-resolution checkpoint (ckpt-*.pt) or its run folder (newest checkpoint).")
+@click.option("--superres", type=click.Path(), metavar="CKPT",
+              help="Super-resolution checkpoint or run folder; without it only the low-res stage runs.")
 @click.option("--demographics", required=True, type=click.Path(dir_okay=False), metavar="CSV",
               help="subject_id,height_m,weight_kg,sex,age_years")
 @click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR", help="Output cohort directory.")
-@click.option("--steps", type=click.IntRange(1, 1000), metavar="N", help="Sampler steps [default: the checkpoint's].")
-@click.option("--solver", type=click.Choice(["heun", "euler"]), help="Sampler [default: the checkpoint's].")
+@click.option("--steps-lowres", "--steps", "steps_lowres", type=click.IntRange(1, 1000), metavar="N",
+              help="Low-res sampler steps [default: the checkpoint's].")
+@click.option("--steps-sr", type=click.IntRange(1, 1000), metavar="N",
+              help="SR sampler steps [default: the checkpoint's].")
+@click.option("--solver", type=click.Choice(["heun", "euler"]),
+              help="Sampler of both stages [default: the checkpoints'].")
 @click.option("--churn", type=click.FloatRange(0.0), metavar="S", help="EDM stochastic churn [default: 0].")
+@click.option("--window", type=click.IntRange(8, 4096), nargs=3, metavar="X Y Z",
+              help="SR window size [default: the SR checkpoint's, i.e. its training patch].")
+@click.option("--overlap", type=click.FloatRange(0.0, 0.9), metavar="F", help="SR window overlap [default: 0.25].")
+@click.option("--window-batch", type=click.IntRange(1, 4096), metavar="N", help="SR windows per forward pass.")
 @click.option("--seed", default=0, type=click.IntRange(0, 2**31 - 1), metavar="S",
-              help="Job seed; each subject's seed derives from it and the subject id.")
-@click.option("--batch", default=4, type=click.IntRange(1, 1024), metavar="N", help="Subjects per sampler batch.")
+              help="Job seed; each subject's seeds derive from it and the subject id.")
+@click.option("--batch", default=4, type=click.IntRange(1, 1024), metavar="N", help="Subjects per low-res batch.")
 @click.option("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA.")
 @click.option("--no-previews", is_flag=True, help="Do not write previews/<id>.png.")
 @click.option("--overwrite", is_flag=True, help="Regenerate subjects that are already complete.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(lowres, demographics, out, steps, solver, churn, seed, batch, device, no_ema, no_previews, overwrite,
-         quiet):
+def main(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, window, overlap, window_batch,
+         seed, batch, device, no_ema, no_previews, overwrite, quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
-        import torch
-        base = load_lowres_model(lowres, torch.device("cpu"), ema=False).config.sample
-        sample = dataclasses.replace(base, **{k: v for k, v in
-                                              {"steps": steps, "solver": solver, "churn": churn}.items()
-                                              if v is not None})
-        report = generate_lowres_cohort(lowres, demographics, out, seed, sample, batch, device, not no_ema,
-                                        not no_previews, overwrite, progress=not quiet)
+        report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, window,
+                               overlap, window_batch, seed, batch, device, not no_ema, not no_previews, overwrite,
+                               not quiet)
         click.echo(f"{out}: {len(report.written)} written, {len(report.skipped)} already complete, "
                    f"{len(report.failed)} failed in {report.seconds:.1f} s")
         for key, reason in report.failed.items():
@@ -56,6 +66,26 @@ def main(lowres, demographics, out, steps, solver, churn, seed, batch, device, n
             sys.exit(1)
 
     run_guarded(job)
+
+
+def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, window, overlap,
+                  window_batch, seed, batch, device, ema, previews, overwrite, progress):
+    """Resolve sampler settings (checkpoint defaults + options) and run the job."""
+    import torch
+
+    from libs.cascade import generate_cascade_cohort, load_sr_model
+    from libs.generate import generate_lowres_cohort, load_lowres_model
+    cpu = torch.device("cpu")
+    s_lr = _replace(load_lowres_model(lowres, cpu, ema=False).config.sample, steps=steps_lowres, solver=solver,
+                    churn=churn)
+    if not superres:
+        return generate_lowres_cohort(lowres, demographics, out, seed, s_lr, batch, device, ema, previews, overwrite,
+                                      progress)
+    sr_cfg = load_sr_model(superres, cpu, ema=False).config
+    s_sr = _replace(sr_cfg.sample, steps=steps_sr, solver=solver, churn=churn)
+    win = _replace(sr_cfg.window, size=list(window) if window else None, overlap=overlap, batch=window_batch)
+    return generate_cascade_cohort(lowres, superres, demographics, out, seed, s_lr, s_sr, win, batch, device, ema,
+                                   previews, overwrite, progress)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,11 @@ def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool =
     return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, Path(path), sha256_file(path), int(ckpt["step"]), std)
 
 
-def subject_seed(seed: int, subject_id: str) -> int:
-    """The sampling seed of one subject: a function of the job seed and the subject id only."""
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(subject_id.encode())]).generate_state(1)[0] % 2**31)
+def subject_seed(seed: int, subject_id: str, stage: int = 0) -> int:
+    """The sampling seed of one subject and stage (0 low-res, 1 super-res): a function of the job seed and
+    the subject id only."""
+    entropy = [int(seed), zlib.crc32(subject_id.encode())] + ([stage] if stage else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] % 2**31)
 
 
 @torch.no_grad()
@@ -156,57 +158,87 @@ def _pending(cohort: Cohort, records: list[Demographics], overwrite: bool, repor
     return todo[rank::world]
 
 
-def generate_lowres_cohort(lowres: str | os.PathLike, demographics_csv: str | os.PathLike,
-                           out: str | os.PathLike, seed: int = 0, sample: SampleConfig | None = None,
-                           batch: int = 4, device: str = "auto", ema: bool = True, previews: bool = True,
-                           overwrite: bool = False, progress: bool = True) -> JobReport:
-    """Sample a low-resolution synthetic cohort (CT HU, SUV on the 8 mm grid) into ``out``."""
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_job(demographics_csv: str | os.PathLike, out: str | os.PathLike, batch: int, overwrite: bool,
+            previews: bool, progress: bool, produce) -> JobReport:
+    """The cohort-job loop shared by low-res and cascade generation.
+
+    ``produce(chunk)`` yields ``(demo, result)`` per subject of a chunk of up to ``batch`` subjects, where
+    ``result`` is ``(ct_hu, suv, affine, meta)`` or the exception that subject failed with.  Finished
+    subjects are skipped, bad CSV rows and failures are reported, and each subject is written atomically
+    with its ``meta`` sidecar last (the completion marker).
+    """
     start, report = time.perf_counter(), JobReport()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
     records, bad_rows = read_demographics_rows(demographics_csv)
     for msg in bad_rows:
         report.failed[msg.split(": ", 1)[0]] = msg
-    model = load_lowres_model(lowres, dev, ema=ema)
-    sample = sample or model.config.sample
     cohort = Cohort(out)
     if int(os.environ.get("RANK", "0")) == 0 and records:
         cohort.write_demographics(records)
     todo = _pending(cohort, records, overwrite, report)
     bar = tqdm(total=len(todo), desc="generating", unit="subj", disable=not progress or not todo)
     for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        seeds = [subject_seed(seed, d.subject_id) for d in chunk]
+        chunk, done = todo[i:i + batch], set()
         try:
-            u = sample_lowres(model, chunk, seeds, sample, dev)
-        except Exception as exc:  # noqa: BLE001 - report the batch, go on with the next one
+            for demo, result in produce(chunk):
+                done.add(demo.subject_id)
+                _record(report, cohort, demo, result, previews)
+                bar.update()
+        except Exception as exc:  # noqa: BLE001 - report the rest of the chunk, go on with the next one
             for d in chunk:
-                report.failed[d.subject_id] = f"sampling failed: {type(exc).__name__}: {exc}"
-            bar.update(len(chunk))
-            continue
-        for d, s, ui in zip(chunk, seeds, u):
-            try:
-                _write_generated(cohort, d, s, ui, model, sample, previews)
-                report.written.append(d.subject_id)
-            except Exception as exc:  # noqa: BLE001
-                report.failed[d.subject_id] = f"{type(exc).__name__}: {exc}"
-            bar.update()
+                if d.subject_id not in done:
+                    report.failed[d.subject_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+                    bar.update()
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _write_generated(cohort: Cohort, demo: Demographics, seed: int, u: torch.Tensor, model: Model,
-                     sample: SampleConfig, previews: bool) -> None:
-    ct, suv, affine = to_physical(u, demo, model.config)
-    meta = _meta(demo, seed, sample, model, {"stage": "lowres", "spacing_mm": [float(v) for v in
-                                                                              np.abs(np.diag(affine)[:3])]})
+def _record(report: JobReport, cohort: Cohort, demo: Demographics, result, previews: bool) -> None:
+    if isinstance(result, Exception):
+        report.failed[demo.subject_id] = f"{type(result).__name__}: {result}"
+        return
+    try:
+        write_result(cohort, demo, *result, previews=previews)
+        report.written.append(demo.subject_id)
+    except Exception as exc:  # noqa: BLE001
+        report.failed[demo.subject_id] = f"{type(exc).__name__}: {exc}"
+
+
+def write_result(cohort: Cohort, demo: Demographics, ct: np.ndarray, suv: np.ndarray, affine: np.ndarray,
+                 meta: dict, previews: bool = True) -> None:
+    """Write one generated subject: volumes, preview, then the meta sidecar (marks the subject complete)."""
+    spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
     cohort.write_subject(demo.subject_id, ct, suv, affine, meta=None)
     if previews:
         from .previews import preview_sheet
-        spacing = tuple(float(v) for v in np.abs(np.diag(affine)[:3]))
         preview_sheet(cohort.path("previews", demo.subject_id), demo, ct, suv, spacing)
+    meta = {**meta, "shape": list(ct.shape), "spacing_mm": list(spacing)}
     atomic_write_text(cohort.path("meta", demo.subject_id), json.dumps(meta, indent=2) + "\n")
+
+
+def generate_lowres_cohort(lowres: str | os.PathLike, demographics_csv: str | os.PathLike,
+                           out: str | os.PathLike, seed: int = 0, sample: SampleConfig | None = None,
+                           batch: int = 4, device: str = "auto", ema: bool = True, previews: bool = True,
+                           overwrite: bool = False, progress: bool = True) -> JobReport:
+    """Sample a low-resolution synthetic cohort (CT HU, SUV on the 8 mm grid) into ``out``."""
+    dev = pick_device(device)
+    model = load_lowres_model(lowres, dev, ema=ema)
+    sample = sample or model.config.sample
+
+    def produce(chunk):
+        seeds = [subject_seed(seed, d.subject_id) for d in chunk]
+        u = sample_lowres(model, chunk, seeds, sample, dev)
+        for d, s, ui in zip(chunk, seeds, u):
+            ct, suv, affine = to_physical(ui, d, model.config)
+            yield d, (ct, suv, affine, _meta(d, s, sample, model, {"stage": "lowres"}))
+
+    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce)
 
 
 def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:

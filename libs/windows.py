@@ -24,11 +24,23 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return [round(i * (size - window) / (n - 1)) for i in range(n)]
 
 
-def blend_profile(n: int, device=None) -> torch.Tensor:
-    """1-D weights of one window axis: raised cosine rising over the outer quarter, floor 1e-3 (n,)."""
-    pos = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
-    ramp = torch.clamp(torch.minimum(pos, 1 - pos) / 0.25, max=1.0)
-    return torch.clamp(0.5 - 0.5 * torch.cos(math.pi * ramp), min=1e-3)
+def blend_profile(n: int, overlap_vox: int, lo_inner: bool, hi_inner: bool, device=None) -> torch.Tensor:
+    """1-D blending weights of one window axis (n,).
+
+    On a side that lies inside the volume (another window overlaps it) the weight is 0 for the outer
+    ``overlap_vox // 4`` voxels — where a patch network sees its own zero padding — then rises as a raised
+    cosine over ``overlap_vox // 2`` voxels to 1.  Sides on the volume border keep weight 1.  So, for a
+    convolutional network whose receptive radius fits in that margin, blending reproduces the
+    whole-volume result exactly, and every voxel is covered with positive total weight.
+    """
+    idx = torch.arange(n, device=device, dtype=torch.float32)
+    margin, ramp = overlap_vox // 4, max(1, overlap_vox // 2)
+    w = torch.ones(n, device=device)
+    for inner, dist in ((lo_inner, idx), (hi_inner, n - 1 - idx)):
+        if inner:
+            t = ((dist - margin + 1) / (ramp + 1)).clamp(0.0, 1.0)
+            w = w * torch.sin(0.5 * math.pi * t) ** 2
+    return w
 
 
 def position_channels(starts: Sequence[int], size: Sequence[int], full: Sequence[int], device=None) -> torch.Tensor:
@@ -60,9 +72,27 @@ def upsample_crop(lr: torch.Tensor, factor: int, start: Sequence[int], size: Seq
     return upsample(region, factor)[:, :, hr_sl[0], hr_sl[1], hr_sl[2]]
 
 
+def window_grid(full: Sequence[int], window: Sequence[int], overlap: float) -> tuple[list, list, list]:
+    """Window size per axis (clipped to the volume), start tuples, and per-axis overlap in voxels."""
+    win = [min(w, f) for w, f in zip(window, full)]
+    per_axis = [window_starts(f, w, overlap) for f, w in zip(full, win)]
+    overlap_vox = []
+    for starts, w in zip(per_axis, win):
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        overlap_vox.append(w - max(gaps) if gaps else 0)
+    starts = [(a, b, c) for a in per_axis[0] for b in per_axis[1] for c in per_axis[2]]
+    return win, starts, overlap_vox
+
+
+def window_weight(start, win, full, overlap_vox, device=None) -> torch.Tensor:
+    """(x, y, z) blending weight of the window at ``start`` (product of per-axis profiles)."""
+    prof = [blend_profile(n, o, s > 0, s + n < f, device) for s, n, f, o in zip(start, win, full, overlap_vox)]
+    return prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
+
+
 def windowed_denoise(denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                     x: torch.Tensor, sigma: torch.Tensor, cond_fn: Callable[[Sequence[int], Sequence[int]],
-                                                                          torch.Tensor],
+                     x: torch.Tensor, sigma: torch.Tensor,
+                     cond_fn: Callable[[Sequence[int], Sequence[int]], torch.Tensor],
                      window: Sequence[int], overlap: float = 0.25, batch: int = 8) -> torch.Tensor:
     """Apply a patch denoiser to the whole volume ``x`` (1, C, X, Y, Z) with overlapping, blended windows.
 
@@ -70,12 +100,8 @@ def windowed_denoise(denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor
     ``cond_fn(start, window)`` gives the (Cc, *window) conditioning of the window at ``start``.  Windows
     are evaluated ``batch`` at a time, so memory is bounded by the batch.
     """
-    full = x.shape[2:]
-    win = [min(w, f) for w, f in zip(window, full)]
-    starts = [(a, b, c) for a in window_starts(full[0], win[0], overlap)
-              for b in window_starts(full[1], win[1], overlap) for c in window_starts(full[2], win[2], overlap)]
-    prof = [blend_profile(n, x.device) for n in win]
-    weight = prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
+    full = tuple(x.shape[2:])
+    win, starts, overlap_vox = window_grid(full, window, overlap)
     out = torch.zeros_like(x, dtype=torch.float32)
     norm = torch.zeros(full, device=x.device, dtype=torch.float32)
     for i in range(0, len(starts), batch):
@@ -84,6 +110,7 @@ def windowed_denoise(denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor
         cs = torch.stack([cond_fn(s, win) for s in chunk])
         ys = denoise(xs, sigma.reshape(-1)[:1].expand(len(chunk)), cs).float()
         for (a, b, c), y in zip(chunk, ys):
-            out[0, :, a:a + win[0], b:b + win[1], c:c + win[2]] += y * weight
-            norm[a:a + win[0], b:b + win[1], c:c + win[2]] += weight
+            w = window_weight((a, b, c), win, full, overlap_vox, x.device)
+            out[0, :, a:a + win[0], b:b + win[1], c:c + win[2]] += y * w
+            norm[a:a + win[0], b:b + win[1], c:c + win[2]] += w
     return out / norm

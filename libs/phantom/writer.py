@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -72,7 +73,8 @@ def write_phantom_cohort(out: str | os.PathLike, records: list[Demographics], se
     todo = []
     for d in records:
         has_preview = previews is None or (Path(previews) / f"{d.subject_id}.png").is_file()
-        if not overwrite and has_preview and cohort.is_complete(d.subject_id, labels=True):
+        if not overwrite and has_preview and _same_settings(cohort, d.subject_id, seed, spacing_mm) \
+                and cohort.is_complete(d.subject_id, labels=True):
             report.skipped.append(d.subject_id)
         else:
             todo.append(d)
@@ -91,6 +93,15 @@ def write_phantom_cohort(out: str | os.PathLike, records: list[Demographics], se
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _same_settings(cohort: Cohort, subject_id: str, seed: int, spacing_mm: float) -> bool:
+    """True when the subject's sidecar says it was made with this seed and spacing."""
+    try:
+        meta = json.loads(cohort.path("meta", subject_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return meta.get("seed") == seed and meta.get("spacing_mm") == spacing_mm
 
 
 def _collect(report: CohortReport, subject_id: str, fn) -> None:

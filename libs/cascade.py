@@ -1,0 +1,175 @@
+"""The full cascade: demographics → low-resolution sample → residual super-resolution over the whole
+volume (overlapping blended windows) → body length restored from height → CT (HU) and SUV on the 2 mm grid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, sha256_file
+from .config import load_config
+from .demographics import Demographics
+from .diffusion import Denoiser
+from .ema import PowerFunctionEMA
+from .generate import (
+    Model,
+    _meta,
+    load_lowres_model,
+    pick_device,
+    resolve_checkpoint,
+    restore_background,
+    run_job,
+    sample_lowres,
+    subject_seed,
+)
+from .intensity import unit_to_ct, unit_to_suv
+from .lowres import HeightLaw, SampleConfig, Standardize
+from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
+from .superres import COND_CHANNELS, SRConfig, SRSampleConfig, WindowConfig, check_pairing
+from .volumes import centered_affine
+from .windows import position_channels, upsample, windowed_denoise
+
+
+@dataclass
+class SRModel:
+    denoiser: Denoiser
+    config: SRConfig
+    normalization: dict
+    standardize: Standardize
+    sigma_data: float
+    path: Path
+    sha256: str
+    step: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return tuple(self.normalization["grid"])
+
+    @property
+    def factor(self) -> int:
+        return int(self.normalization["factor"])
+
+
+def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> SRModel:
+    """Load a super-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint)."""
+    path = resolve_checkpoint(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    cfg = load_config(ckpt["config"], SRConfig, origin=f"{path} (config)")
+    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
+    net.load_state_dict(ckpt["model"])
+    if ema and ckpt.get("ema"):
+        averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
+        averaged.load_state_dict(ckpt["ema"])
+        averaged.copy_to(net)
+    net.eval().to(device)
+    norm = ckpt["normalization"]
+    sigma = float(norm["sigma_data"])
+    return SRModel(Denoiser(net, sigma), cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,
+                   path, sha256_file(path), int(ckpt["step"]))
+
+
+@torch.no_grad()
+def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int, sample: SRSampleConfig,
+              window: WindowConfig, device: torch.device, progress: bool = False) -> torch.Tensor:
+    """One subject: LR sample (2, x, y, z) in [0, 1] → full-grid volume (2, X, Y, Z) in [0, 1].
+
+    Every denoiser evaluation covers the whole grid with overlapping windows, ``window.batch`` at a time.
+    """
+    grid, f = model.grid, model.factor
+    up = upsample(model.standardize.to_net(lr_u[None].float().to(device)), f)              # (1, 2, X, Y, Z)
+    demo_vec = torch.from_numpy(demo.encode()).to(device)
+    size = list(window.size or model.config.data.patch)
+
+    def cond_fn(start, win):
+        sl = tuple(slice(s, s + w) for s, w in zip(start, win))
+        const = demo_vec[:, None, None, None].expand(-1, *win)
+        return torch.cat([up[0][(slice(None), *sl)], const, position_channels(start, win, grid, device)])
+
+    def full_denoiser(x, sigma, _cond):
+        return windowed_denoise(model.denoiser, x, sigma, cond_fn, size, window.overlap, window.batch)
+
+    sigma_max = sample.sigma_max_ratio * model.sigma_data
+    sigmas = karras_sigmas(sample.steps, sample.sigma_min, sigma_max, sample.rho, device=device)
+    x = initial_noise((2, *grid), [seed], sigma_max, device=device)
+    solver = sample_heun if sample.solver == "heun" else sample_euler
+    gens = per_sample_generators([seed], stream=1, device=device) if sample.churn > 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
+    with autocast:
+        residual = solver(full_denoiser, x, sigmas, None, churn=sample.churn, generator=gens, progress=progress)
+    return model.standardize.from_net(up + residual.float())[0].clamp(0.0, 1.0)
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def restore_length(u: torch.Tensor, height_m: float, law: HeightLaw, voxel_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+    """Resample the z axis of (2, X, Y, Z) to the body length predicted from height (isotropic ``voxel_mm``).
+
+    The training grid stretched every body to Z slices; the law ``a · height_m + b`` slices of
+    ``law.slice_mm`` gives the true length back.  Returns the volume and its RAS+ affine."""
+    length = law.length_mm(height_m)
+    nz = max(1, int(round(length / voxel_mm)))
+    out = F.interpolate(u[None].float(), size=(u.shape[1], u.shape[2], nz), mode="trilinear", align_corners=False)[0]
+    return out, centered_affine(tuple(out.shape[1:]), (voxel_mm, voxel_mm, length / nz))
+
+
+def to_physical_hr(u: torch.Tensor, demo: Demographics,
+                   model: SRModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full-grid (2, X, Y, Z) in [0, 1] → CT (HU), SUV and affine at the cohort's voxel size, true length."""
+    law = HeightLaw(*model.normalization["height_law"])
+    voxel = float(model.normalization["in_plane_mm"])
+    u, affine = restore_length(u.cpu(), demo.height_m, law, voxel)
+    ct = restore_background(unit_to_ct(u[0].numpy()))
+    suv = unit_to_suv(u[1].numpy()).astype(np.float32)
+    return ct, suv, affine
+
+
+def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLike,
+                            demographics_csv: str | os.PathLike, out: str | os.PathLike, seed: int = 0,
+                            sample_lowres_cfg: SampleConfig | None = None, sample_sr_cfg: SRSampleConfig | None = None,
+                            window: WindowConfig | None = None, batch: int = 4, device: str = "auto",
+                            ema: bool = True, previews: bool = True, overwrite: bool = False,
+                            progress: bool = True):
+    """The whole cascade for every row of ``demographics_csv`` into the cohort directory ``out``."""
+    dev = pick_device(device)
+    lr_model = load_lowres_model(lowres, dev, ema=ema)
+    sr_model = load_sr_model(superres, dev, ema=ema)
+    check_pairing(load_checkpoint(lr_model.path)["normalization"], sr_model.normalization)
+    s_lr = sample_lowres_cfg or lr_model.config.sample
+    s_sr = sample_sr_cfg or sr_model.config.sample
+    win = window or sr_model.config.window
+
+    def produce(chunk):
+        seeds = [subject_seed(seed, d.subject_id) for d in chunk]
+        lows = sample_lowres(lr_model, chunk, seeds, s_lr, dev)
+        for d, s, lr_u in zip(chunk, seeds, lows):
+            try:
+                sr_seed = subject_seed(seed, d.subject_id, stage=1)
+                hr = sample_sr(sr_model, lr_u, d, sr_seed, s_sr, win, dev)
+                ct, suv, affine = to_physical_hr(hr, d, sr_model)
+                meta = _cascade_meta(d, s, sr_seed, s_lr, s_sr, win, lr_model, sr_model)
+                yield d, (ct, suv, affine, meta)
+            except Exception as exc:  # noqa: BLE001 - this subject fails alone
+                yield d, exc
+
+    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce)
+
+
+def _cascade_meta(d, seed_lr, seed_sr, s_lr, s_sr, win, lr_model: Model, sr_model: SRModel) -> dict:
+    meta = _meta(d, seed_lr, s_lr, lr_model, {"stage": "cascade"})
+    meta["seed_superres"] = seed_sr
+    meta["sampler_superres"] = {**asdict(s_sr), "sigma_max": s_sr.sigma_max_ratio * sr_model.sigma_data}
+    meta["window"] = asdict(win)
+    meta["checkpoints"]["superres"] = {"path": str(sr_model.path), "sha256": sr_model.sha256, "step": sr_model.step}
+    return meta

@@ -1,0 +1,126 @@
+"""Organ and whole-body statistics of a cohort directory as one tidy CSV.
+
+One row per subject × region.  Organ regions (``liver``, ``spleen``, ``kidney_left``, ``kidney_right``,
+``kidneys`` = both, ``heart``) need ``labels/<id>.nii.gz`` and fill the columns of
+:data:`libs.evaluation.measures.MEASURES`; the ``body`` region needs CT only and fills
+:data:`libs.evaluation.body.BODY_MEASURES`.  Cells that do not apply to a region are empty.
+Demographics ride along on every row, so the file alone is enough for the cohort comparison.
+
+The CSV is rewritten after each subject; rerunning reuses the rows of subjects whose demographics and
+label availability are unchanged (``overwrite`` recomputes everything).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..cohort import Cohort
+from ..demographics import Demographics
+from .body import BODY_MEASURES, body_measures
+from .errors import EvaluationError
+from .measures import MEASURES, ORGAN_REGIONS, organ_measures, region_mask
+from .tables import SubjectTable, read_csv
+
+ID_COLUMNS = ["subject_id", "sex", "age_years", "height_m", "weight_kg", "bmi", "region", "n_voxels"]
+VALUE_COLUMNS = list(dict.fromkeys([*MEASURES, *BODY_MEASURES]))
+COLUMNS = ID_COLUMNS + VALUE_COLUMNS
+TEXT_COLUMNS = ("subject_id", "sex", "region")
+BODY_REGION = "body"
+
+
+@dataclass
+class StatsReport:
+    """What a statistics job did; ``rows`` is the whole table in cohort order."""
+
+    rows: list[dict] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    unlabeled: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _demographic_cells(demo: Demographics) -> dict:
+    return {"subject_id": demo.subject_id, "sex": demo.sex, "age_years": demo.age_years,
+            "height_m": demo.height_m, "weight_kg": demo.weight_kg, "bmi": demo.bmi}
+
+
+def subject_rows(cohort: Cohort, demo: Demographics) -> list[dict]:
+    """The rows of one subject: ``body`` always, the organ regions when the subject has labels."""
+    subject = cohort.load(demo, labels=True)
+    ct, suv, affine = subject.ct.array, subject.suv.array, subject.ct.affine
+    base = _demographic_cells(demo)
+    rows = [base | {"region": BODY_REGION} | body_measures(ct, suv, affine)]
+    if subject.labels is not None:
+        for region in ORGAN_REGIONS:
+            mask = region_mask(subject.labels.array, region)
+            rows.append(base | {"region": region} | organ_measures(mask, ct, suv, affine))
+    return rows
+
+
+def _reusable(rows: list[dict] | None, demo: Demographics, has_labels: bool) -> bool:
+    """Stored rows still describe this subject: same demographics, same label availability."""
+    if not rows:
+        return False
+    first, want = rows[0], _demographic_cells(demo)
+    same = first["sex"] == demo.sex and all(
+        math.isclose(float(first[k]), float(want[k]), rel_tol=1e-5) for k in ("age_years", "height_m", "weight_kg"))
+    organs = {r["region"] for r in rows} - {BODY_REGION}
+    return same and organs == (set(ORGAN_REGIONS) if has_labels else set())
+
+
+def cohort_stats(cohort_dir: str | os.PathLike, out_csv: str | os.PathLike, overwrite: bool = False,
+                 progress: bool = True, desc: str = "organ stats") -> StatsReport:
+    """Compute (or resume) the statistics table of a cohort into ``out_csv``; the cohort is only read.
+
+    A subject that fails (missing or corrupt file) is reported in ``failed`` and the others go on.
+    """
+    cohort, report, start = Cohort(cohort_dir), StatsReport(), time.perf_counter()
+    if not cohort.demographics_path.is_file():
+        raise EvaluationError(f"{cohort.demographics_path}: not found; is {cohort_dir} a cohort directory?")
+    records = cohort.demographics()
+    order = [d.subject_id for d in records]
+    table = SubjectTable(out_csv, COLUMNS, TEXT_COLUMNS, fresh=overwrite)
+    table.write(order)
+    for demo in tqdm(records, desc=desc, unit="subj", disable=not progress):
+        sid, labelled = demo.subject_id, cohort.has_labels(demo.subject_id)
+        if not labelled:
+            report.unlabeled.append(sid)
+        if _reusable(table.rows_of(sid), demo, labelled):
+            report.reused.append(sid)
+            continue
+        try:
+            table.put(sid, subject_rows(cohort, demo), order)
+            report.computed.append(sid)
+        except Exception as exc:  # noqa: BLE001 - one subject's failure is reported, the others go on
+            report.failed[sid] = f"{type(exc).__name__}: {exc}"
+    table.write([s for s in order if s not in report.failed])
+    report.rows = [r for sid in order if sid not in report.failed for r in (table.rows_of(sid) or [])]
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def read_stats_csv(path: str | os.PathLike) -> list[dict]:
+    """Rows of a statistics CSV written by :func:`cohort_stats` (numbers parsed, NaN for empty cells)."""
+    header, rows = read_csv(path, TEXT_COLUMNS)
+    missing = [c for c in ("subject_id", "sex", "region") if c not in header]
+    if missing:
+        raise EvaluationError(f"{path}: not an organ statistics CSV (missing column {missing[0]!r})")
+    return rows
+
+
+def describe_report(report: StatsReport, out_csv: str | os.PathLike, n_subjects: int) -> list[str]:
+    """Human-readable summary lines of a statistics job (for the scripts)."""
+    lines = [f"{Path(out_csv)}: {len(report.computed)} computed, {len(report.reused)} reused, "
+             f"{len(report.failed)} failed of {n_subjects} subjects in {report.seconds:.1f} s"]
+    if report.unlabeled:
+        lines.append(f"  {len(report.unlabeled)} subject(s) have no labels/<id>.nii.gz: whole-body (label-free) "
+                     "rows only — run 3_Evaluations/1_segment.py for organ rows")
+    lines += [f"  failed {sid}: {reason}" for sid, reason in report.failed.items()]
+    return lines

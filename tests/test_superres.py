@@ -1,0 +1,196 @@
+"""Super-resolution stage and the cascade: windows, residuals, positions, length, training, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from libs.cascade import restore_length
+from libs.cohort import Cohort
+from libs.config import ConfigError, load_config
+from libs.lowres import HeightLaw, Standardize
+from libs.phantom.writer import sampled_demographics, write_phantom_cohort
+from libs.superres import ResidualPatches, SRConfig, check_pairing, load_pairing, train_superres
+from libs.volumes import read_volume
+from libs.windows import position_channels, upsample, upsample_crop, window_grid, windowed_denoise
+
+ROOT = Path(__file__).resolve().parents[1]
+LOWRES = {"in_plane_mm": 14.0, "data": {"grid": [32, 32, 64], "factor": 4, "load_workers": 1},
+          "model": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_levels": [-1],
+                    "channels_per_head": 8},
+          "optim": {"batch": 4, "lr_ref": 0.01, "ref_steps": 100, "warmup_steps": 2},
+          "loop": {"steps": 4, "report_every": 2, "checkpoint_every": 4, "loader_workers": 0}, "sample": {"steps": 3}}
+SR = {"data": {"patch": [16, 16, 32], "load_workers": 1},
+      "model": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_levels": [],
+                "channels_per_head": 8},
+      "diffusion": {"sigma_data_samples": 16},
+      "optim": {"batch": 4, "lr_ref": 0.01, "ref_steps": 100, "warmup_steps": 2},
+      "loop": {"steps": 4, "report_every": 2, "checkpoint_every": 4, "loader_workers": 0},
+      "sample": {"steps": 3}, "window": {"overlap": 0.25, "batch": 4}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 14 mm phantom cohort and the YAML files of a tiny low-res + SR pair."""
+    root = tmp_path_factory.mktemp("sr")
+    write_phantom_cohort(root / "cohort", sampled_demographics(3, seed=6), seed=6, spacing_mm=14.0, progress=False)
+    low = json.loads(json.dumps(LOWRES))
+    low["data"]["cohort"], low["run_dir"] = str(root / "cohort"), str(root / "runs" / "low")
+    (root / "low.yaml").write_text(yaml.safe_dump(low))
+    sr = json.loads(json.dumps(SR))
+    sr["data"]["cohort"], sr["run_dir"], sr["lowres_config"] = str(root / "cohort"), str(root / "runs" / "sr"), \
+        str(root / "low.yaml")
+    (root / "sr.yaml").write_text(yaml.safe_dump(sr))
+    return root
+
+
+def _conv_net(seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv3d(2, 2, 3, padding=1, bias=False)
+    return lambda x, sigma, cond: conv(x + cond[:, :2])
+
+
+@torch.no_grad()
+def test_windowed_equals_whole_volume_for_a_convolution():
+    net = _conv_net()
+    x = torch.randn(1, 2, 40, 36, 72)
+    cond = torch.randn(1, 2, 40, 36, 72)
+    whole = net(x, None, cond)
+
+    def cond_fn(start, win):
+        return cond[0, :, start[0]:start[0] + win[0], start[1]:start[1] + win[1], start[2]:start[2] + win[2]]
+
+    tiled = windowed_denoise(net, x, torch.ones(1), cond_fn, (16, 16, 32), overlap=0.25, batch=5)
+    _, starts, _ = window_grid((40, 36, 72), (16, 16, 32), 0.25)
+    assert len(starts) > 8, "the test must really tile the volume"
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_no_seams_for_a_smooth_position_dependent_network():
+    """A network whose output drifts across its own window (a ramp along z) would leave a jump at every
+    hard cut; the blend must keep neighbouring slices close."""
+    def ramp_net(x, sigma, cond):
+        z = torch.arange(x.shape[-1], dtype=torch.float32) / x.shape[-1]
+        return x + z                                           # up to +1 at the window's top
+
+    x = torch.zeros(1, 1, 8, 8, 96)
+    out = windowed_denoise(ramp_net, x, torch.ones(1), lambda s, w: torch.zeros(1, *w), (8, 8, 32), 0.5, 4)
+    steps = (out[0, 0, 4, 4, 1:] - out[0, 0, 4, 4, :-1]).abs()
+    hard = torch.cat([ramp_net(torch.zeros(1, 1, 1, 1, 32), None, None)[0, 0, 0, 0]] * 3)
+    hard_jump = (hard[1:] - hard[:-1]).abs().max()
+    assert hard_jump > 0.9, "hard tiling of this network has a jump of ~1"
+    assert steps.max() < 0.2, f"blended output jumps by {steps.max():.3f} between neighbouring slices"
+
+
+def test_upsample_crop_is_exact():
+    lr = torch.randn(1, 2, 8, 8, 16)
+    full = upsample(lr, 4)
+    for start in ((0, 0, 0), (5, 9, 17), (16, 16, 32), (3, 0, 60)):
+        crop = upsample_crop(lr, 4, start, (16, 16, 4))
+        ref = full[:, :, start[0]:start[0] + 16, start[1]:start[1] + 16, start[2]:start[2] + 4]
+        torch.testing.assert_close(crop, ref, atol=0, rtol=0)
+
+
+def test_position_channels_at_the_corners():
+    pos = position_channels((0, 0, 0), (4, 4, 8), (32, 32, 64))
+    assert pos.shape == (3, 4, 4, 8) and float(pos[:, 0, 0, 0].abs().max()) == 0.0
+    last = position_channels((28, 28, 56), (4, 4, 8), (32, 32, 64))[:, -1, -1, -1]
+    torch.testing.assert_close(last, torch.tensor([31 / 32, 31 / 32, 63 / 64]))
+    assert float(last.max()) < 1.0, "positions lie in [0, 1)"
+
+
+def test_residual_and_its_inverse_reproduce_hr(setup):
+    from libs.data import CohortVolumes
+    from libs.lowres import channel_stats
+    cfg = load_config(setup / "sr.yaml", SRConfig)
+    pairing = load_pairing(cfg)
+    vols = CohortVolumes(cfg.data.cohort, pairing.grid, progress=False)
+    std = Standardize(*channel_stats(vols), 0.5)
+    patches = ResidualPatches(vols, pairing, cfg.data.patch, std)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        residual, cond = patches.draw(rng)
+        up = cond[:2]
+        hr = residual + up
+        # locate the patch from its position channels and compare with the standardized volume
+        start = [int(round(float(cond[6 + a].flatten()[0]) * g)) for a, g in enumerate(pairing.grid)]
+        matches = [std.to_net(v[None].float())[0][:, start[0]:start[0] + 16, start[1]:start[1] + 16,
+                                                  start[2]:start[2] + 32] for v in vols.volumes]
+        assert any(torch.allclose(hr, m, atol=1e-6) for m in matches), "up(LR) + residual must equal HR"
+        assert cond.shape == (9, 16, 16, 32)
+
+
+def test_restored_length_follows_height():
+    law = HeightLaw()
+    for h in (1.55, 1.75, 1.95):
+        out, affine = restore_length(torch.zeros(2, 8, 8, 384), h, law, 2.0)
+        assert out.shape[-1] == round(146.629 * h + 110.419), f"height {h}: {out.shape[-1]} slices"
+        assert abs(affine[2, 2] - (146.629 * h + 110.419) * 2 / out.shape[-1]) < 1e-9
+
+
+def test_pairing_mismatch_is_refused(setup, tmp_path):
+    norm = {"grid": [32, 32, 64], "factor": 4, "in_plane_mm": 14.0, "ct_range_hu": [-500, 500], "suv_max": 25,
+            "pet_map": "x", "demographics": ["a"], "channel_mean": [0.1, 0.2], "channel_std": [0.3, 0.4]}
+    check_pairing(norm, dict(norm))
+    with pytest.raises(ConfigError, match="grid"):
+        check_pairing(norm, {**norm, "grid": [64, 64, 64]})
+    raw = yaml.safe_load((setup / "sr.yaml").read_text())
+    raw["data"]["patch"] = [64, 64, 64]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="larger than the paired grid"):
+        load_pairing(load_config(bad, SRConfig))
+
+
+def test_sr_loss_falls_on_phantom_patches(setup, tmp_path):
+    raw = yaml.safe_load((setup / "sr.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["loop"].update(steps=60, report_every=10, checkpoint_every=60)
+    cfg = load_config(raw, SRConfig)
+    train_superres(cfg, device="cpu", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-2:]])
+    assert last < first - 0.3, f"SR loss should fall: {first:.3f} → {last:.3f}"
+    ckpt = torch.load(tmp_path / "run" / "ckpt-000000060.pt", weights_only=True)
+    assert 0 < ckpt["normalization"]["sigma_data"] < 0.5, "the measured residual σ_data is stored"
+
+
+def _run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cascade_cli_end_to_end_resume_and_bad_row(setup, tmp_path):
+    for script, cfg in (("1_Trainings/train_lowres.py", "low.yaml"), ("1_Trainings/train_superres.py", "sr.yaml")):
+        res = _run(script, "--config", str(setup / cfg), "--quiet", "--device", "cpu")
+        assert res.returncode == 0, res.stderr
+    csv = tmp_path / "demo.csv"
+    csv.write_text("subject_id,height_m,weight_kg,sex,age_years\na,1.60,55,F,30\nb,1.8,80,X,50\n"
+                   "c,1.90,98,M,70\nd,1.70,70,F,66\n")
+    out = tmp_path / "gen"
+    args = ["--lowres", str(setup / "runs" / "low"), "--superres", str(setup / "runs" / "sr"), "--demographics",
+            str(csv), "--out", str(out), "--quiet", "--device", "cpu", "--batch", "2"]
+    res = _run("2_Tests/infer.py", *args)
+    assert res.returncode == 1 and "line 3" in res.stderr and "sex" in res.stderr, res.stderr
+    assert "3 written" in res.stdout, res.stdout
+    cohort = Cohort(out)
+    for sid, h in (("a", 1.60), ("c", 1.90), ("d", 1.70)):
+        ct = read_volume(cohort.path("ct", sid), "ct")
+        nz = round((146.629 * h + 110.419) * 2 / 14.0)
+        assert ct.shape == (32, 32, nz), f"{sid}: {ct.shape}"
+        assert ct.spacing[0] == pytest.approx(14.0) and ct.spacing[2] == pytest.approx(
+            (146.629 * h + 110.419) * 2 / nz)
+        meta = json.loads(cohort.path("meta", sid).read_text())
+        assert {"lowres", "superres"} <= set(meta["checkpoints"]) and meta["seed_superres"] != meta["seed"]
+    ct_c = cohort.path("ct", "c")
+    ct_c.write_bytes(ct_c.read_bytes()[:100])
+    again = _run("2_Tests/infer.py", *args)
+    assert "1 written, 2 already complete" in again.stdout, again.stdout
+    assert read_volume(ct_c, "ct").shape[0] == 32
