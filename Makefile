@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 
-.PHONY: demo test lint install clean-demo
+.PHONY: demo test lint install figures clean-demo
 
 install: $(STAMP)
 
@@ -21,16 +21,25 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The whole pipeline on the built-in phantom cohort (see README, "Demo"): about 4 minutes on 2 cores.
+# The whole pipeline on the built-in phantom cohort (see README, "Demo"): under 10 minutes on 2 cores.
 demo: $(STAMP)
 	$(PY) 0_Preprocess/0_make_phantom_cohort.py --out $(DEMO)/phantom --n 32 --seed 0 --spacing-mm 8 --quiet \
 	    --previews $(DEMO)/results/phantom_previews --distribution-figure $(DEMO)/results/phantom_distribution.png
 	$(PY) 1_Trainings/train_lowres.py --config 1_Trainings/configs/lowres_demo.yaml --quiet
-	printf 'subject_id,height_m,weight_kg,sex,age_years\nsyn_f_slim,1.60,52,F,35\nsyn_f_heavy,1.62,95,F,60\nsyn_m_slim,1.85,60,M,45\nsyn_m_heavy,1.78,99,M,70\n' > $(DEMO)/generate.csv
 	$(PY) 1_Trainings/train_superres.py --config 1_Trainings/configs/superres_demo.yaml --quiet
+	$(PY) 0_Preprocess/0_make_phantom_cohort.py --out $(DEMO)/heldout --n 12 --seed 1 --prefix heldout \
+	    --spacing-mm 8 --quiet
 	$(PY) 2_Tests/infer.py --lowres $(DEMO)/runs/lowres --superres $(DEMO)/runs/superres \
-	    --demographics $(DEMO)/generate.csv --out $(DEMO)/generated --quiet
-	@echo "demo finished: figures in $(DEMO)/results, generated volumes and previews in $(DEMO)/generated"
+	    --demographics $(DEMO)/heldout/demographics.csv --out $(DEMO)/generated --quiet
+	$(PY) 3_Evaluations/3_compare_cohorts.py --reference $(DEMO)/heldout --synthetic $(DEMO)/generated \
+	    --synthetic $(DEMO)/phantom --out $(DEMO)/results/comparison --quiet
+	@echo "demo finished: generated cohort in $(DEMO)/generated, figures and tables in $(DEMO)/results"
+
+# Copy the demo's figures that the README shows into Resource/ (runs the demo first if needed).
+figures: $(STAMP)
+	test -f $(DEMO)/results/comparison/figures/violins_body.png || $(MAKE) demo
+	cp $(DEMO)/results/comparison/figures/violins_body.png Resource/demo_violins_body.png
+	cp $(DEMO)/results/comparison/figures/demographics.png Resource/demo_demographics.png
 
 clean-demo:
 	rm -rf $(DEMO)

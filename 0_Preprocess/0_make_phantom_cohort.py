@@ -28,6 +28,8 @@ from libs.previews import distribution_figure
               help="Isotropic voxel size. 2 mm gives 224×224×Z grids like the preprocessed real data.")
 @click.option("--demographics", "demographics_csv", type=click.Path(dir_okay=False), metavar="CSV",
               help="Use these subjects (cohort CSV: subject_id,height_m,weight_kg,sex,age_years).")
+@click.option("--prefix", default="phantom", metavar="TEXT",
+              help="Subject ids <prefix>_00000, … (sampled subjects only).")
 @click.option("--workers", default=1, type=click.IntRange(1, 256), metavar="N", help="Parallel processes.")
 @click.option("--overwrite", is_flag=True, help="Regenerate subjects that are already complete.")
 @click.option("--previews", type=click.Path(file_okay=False), metavar="DIR",
@@ -35,10 +37,10 @@ from libs.previews import distribution_figure
 @click.option("--distribution-figure", "figure_path", type=click.Path(dir_okay=False), metavar="PNG",
               help="Also write the cohort's height/weight/BMI-by-sex figure.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(out, n, seed, spacing_mm, demographics_csv, workers, overwrite, previews, figure_path, quiet):
+def main(out, n, seed, spacing_mm, demographics_csv, prefix, workers, overwrite, previews, figure_path, quiet):
     """Generate a parametric digital-phantom PET/CT cohort (clavicles to pelvis, with organ labels)."""
     try:
-        records = load_records(demographics_csv, n, seed)
+        records = load_records(demographics_csv, n, seed, prefix)
         report = write_phantom_cohort(out, records, seed, spacing_mm, workers, overwrite, previews,
                                       progress=not quiet)
     except DemographicsError as exc:

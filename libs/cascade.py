@@ -113,7 +113,8 @@ class _NullContext:
         return False
 
 
-def restore_length(u: torch.Tensor, height_m: float, law: HeightLaw, voxel_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+def restore_length(u: torch.Tensor, height_m: float, law: HeightLaw,
+                   voxel_mm: float) -> tuple[torch.Tensor, np.ndarray]:
     """Resample the z axis of (2, X, Y, Z) to the body length predicted from height (isotropic ``voxel_mm``).
 
     The training grid stretched every body to Z slices; the law ``a · height_m + b`` slices of

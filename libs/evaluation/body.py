@@ -10,7 +10,9 @@ Definitions (spacing always from the affine, so anisotropic generated grids are 
 * **subcutaneous fat** — fat voxels 4-connected within their axial slice to fat in the outer shell of
   the body (within max(6 mm, 2 voxels) of the skin line): an approximation without a muscle-wall
   segmentation; the rest of the fat is visceral / intermuscular;
-* **lung volume** — body voxels below −500 HU (lungs plus the little bowel gas a phantom or patient has);
+* **lung volume** — body voxels at or below −490 HU (lungs plus the little bowel gas a phantom or patient
+  has); −490 rather than −500 because generated CT is clipped to the paper's [−500, 500] HU window, so
+  synthetic lungs sit exactly at −500 HU;
 * **SUV** — mean, SD and the 50th / 90th / 99th percentiles of SUV (clipped to [0, 25]) in the body.
 """
 
@@ -25,7 +27,7 @@ from .measures import SUV_CLIP, voxel_volume_ml
 
 BODY_THRESHOLD_HU = -500.0
 FAT_RANGE_HU = (-190.0, -30.0)
-LUNG_THRESHOLD_HU = -500.0
+LUNG_THRESHOLD_HU = -490.0
 SAT_SHELL_MM = 6.0
 BODY_MEASURES = ("volume_ml", "length_mm", "fat_volume_ml", "sat_volume_ml", "lung_volume_ml", "hu_mean",
                  "suv_mean", "suv_sd", "suv_p50", "suv_p90", "suv_p99", "suv_max")
@@ -78,7 +80,7 @@ def body_measures(ct_hu: np.ndarray, suv: np.ndarray, affine: np.ndarray) -> dic
     out = {"n_voxels": float(body.sum()), "volume_ml": float(body.sum()) * vml,
            "length_mm": body_length_mm(body, affine), "fat_volume_ml": float(fat.sum()) * vml,
            "sat_volume_ml": float(subcutaneous_fat(fat, body, affine).sum()) * vml,
-           "lung_volume_ml": float((body & (ct_hu < LUNG_THRESHOLD_HU)).sum()) * vml}
+           "lung_volume_ml": float((body & (ct_hu <= LUNG_THRESHOLD_HU)).sum()) * vml}
     if not body.any():
         return out | {k: math.nan for k in BODY_MEASURES if k not in out}
     values = np.clip(suv[body], *SUV_CLIP).astype(np.float64)

@@ -28,9 +28,9 @@ class CohortReport:
     seconds: float = 0.0
 
 
-def sampled_demographics(n: int, seed: int) -> list[Demographics]:
-    """Subjects ``phantom_00000 … phantom_{n-1}``; subject k is the same whatever ``n`` is."""
-    return [sample_demographics(subject_rng(seed, f"phantom_{k:05d}", 0), f"phantom_{k:05d}") for k in range(n)]
+def sampled_demographics(n: int, seed: int, prefix: str = "phantom") -> list[Demographics]:
+    """Subjects ``<prefix>_00000 … <prefix>_{n-1}``; subject k is the same whatever ``n`` is."""
+    return [sample_demographics(subject_rng(seed, f"{prefix}_{k:05d}", 0), f"{prefix}_{k:05d}") for k in range(n)]
 
 
 def _write_one(root: str, demo: Demographics, seed: int, spacing_mm: float, previews: str | None) -> str:
@@ -112,6 +112,6 @@ def _collect(report: CohortReport, subject_id: str, fn) -> None:
         report.failed[subject_id] = f"{type(exc).__name__}: {exc}"
 
 
-def load_records(demographics_csv: str | None, n: int, seed: int) -> list[Demographics]:
+def load_records(demographics_csv: str | None, n: int, seed: int, prefix: str = "phantom") -> list[Demographics]:
     """Subjects from a cohort CSV (validated) or sampled like the AutoPET adults."""
-    return read_demographics_csv(demographics_csv) if demographics_csv else sampled_demographics(n, seed)
+    return read_demographics_csv(demographics_csv) if demographics_csv else sampled_demographics(n, seed, prefix)
