@@ -34,12 +34,16 @@ demo: $(STAMP)
 	$(PY) 3_Evaluations/3_compare_cohorts.py --reference $(DEMO)/heldout --synthetic $(DEMO)/generated \
 	    --synthetic $(DEMO)/phantom --out $(DEMO)/results/comparison --quiet
 	@echo "demo finished: generated cohort in $(DEMO)/generated, figures and tables in $(DEMO)/results"
+	@echo "(make figures copies the README's figures into Resource/)"
 
-# Copy the demo's figures that the README shows into Resource/ (runs the demo first if needed).
+# Regenerate the README's figures in Resource/: the pipeline diagram, and the demo's demographic
+# distributions and violin comparisons (runs the demo first if its results are missing).
 figures: $(STAMP)
+	$(PY) Resource/make_pipeline_figure.py Resource/pipeline.png
 	test -f $(DEMO)/results/comparison/figures/violins_body.png || $(MAKE) demo
-	cp $(DEMO)/results/comparison/figures/violins_body.png Resource/demo_violins_body.png
 	cp $(DEMO)/results/comparison/figures/demographics.png Resource/demo_demographics.png
+	cp $(DEMO)/results/comparison/figures/violins_organs.png Resource/demo_violins_organs.png
+	cp $(DEMO)/results/comparison/figures/violins_body.png Resource/demo_violins_body.png
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -7,31 +7,11 @@
 Rerunning the same command resumes from the newest checkpoint in the run folder.
 """
 
-from __future__ import annotations
-
-import click
-
-from libs.cli import run_guarded, training_options
-from libs.config import dump_yaml
+from libs.cli import training_command
 from libs.lowres import LowresConfig, train_lowres
-from libs.runs import prepare_run
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@training_options
-def main(config, cohort, run_dir, overrides, device, dry_run, quiet):
-    """Train (or resume) the demographics-conditioned low-resolution diffusion model."""
-
-    def job():
-        cfg = prepare_run(config, LowresConfig, cohort, run_dir, overrides, write=not dry_run)
-        if dry_run:
-            click.echo(dump_yaml(cfg), nl=False)
-            return
-        last = train_lowres(cfg, device=device, progress=not quiet)
-        click.echo(f"done: {last}")
-
-    run_guarded(job)
-
+main = training_command(LowresConfig, train_lowres,
+                        "Train (or resume) the demographics-conditioned low-resolution diffusion model.")
 
 if __name__ == "__main__":
     main()

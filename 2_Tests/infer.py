@@ -24,13 +24,16 @@ def _replace(cfg, **values):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--lowres", required=True, type=click.Path(), metavar="CKPT",
+@click.option("--lowres", type=click.Path(), metavar="CKPT",
               help="Low-resolution checkpoint (ckpt-*.pt) or its run folder (newest checkpoint).")
 @click.option("--superres", type=click.Path(), metavar="CKPT",
               help="Super-resolution checkpoint or run folder; without it only the low-res stage runs.")
-@click.option("--demographics", required=True, type=click.Path(dir_okay=False), metavar="CSV",
-              help="subject_id,height_m,weight_kg,sex,age_years")
-@click.option("--out", required=True, type=click.Path(file_okay=False), metavar="DIR", help="Output cohort directory.")
+@click.option("--model_dir", "--model-dir", "model_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Find the newest low-res and super-res checkpoints under DIR (instead of --lowres/--superres).")
+@click.option("--demographics", "--demo_csv", "demographics", required=True, type=click.Path(dir_okay=False),
+              metavar="CSV", help="subject_id,height_m,weight_kg,sex,age_years (heights in metres)")
+@click.option("--out", "--output_dir", "out", required=True, type=click.Path(file_okay=False), metavar="DIR",
+              help="Output cohort directory.")
 @click.option("--steps-lowres", "--steps", "steps_lowres", type=click.IntRange(1, 1000), metavar="N",
               help="Low-res sampler steps [default: the checkpoint's].")
 @click.option("--steps-sr", type=click.IntRange(1, 1000), metavar="N",
@@ -50,11 +53,21 @@ def _replace(cfg, **values):
 @click.option("--no-previews", is_flag=True, help="Do not write previews/<id>.png.")
 @click.option("--overwrite", is_flag=True, help="Regenerate subjects that are already complete.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, window, overlap, window_batch,
-         seed, batch, device, no_ema, no_previews, overwrite, quiet):
+def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, window, overlap,
+         window_batch, seed, batch, device, no_ema, no_previews, overwrite, quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
+        nonlocal lowres, superres
+        if model_dir:
+            if lowres or superres:
+                raise click.UsageError("give either --model_dir or --lowres/--superres, not both")
+            from libs.generate import find_stage_checkpoints
+            lowres, superres, messages = find_stage_checkpoints(model_dir)
+            for line in messages:
+                click.echo(line, err=True)
+        elif not lowres:
+            raise click.UsageError("give --lowres CKPT (and --superres CKPT) or --model_dir DIR")
         report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, window,
                                overlap, window_batch, seed, batch, device, not no_ema, not no_previews, overwrite,
                                not quiet)

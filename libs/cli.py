@@ -41,3 +41,28 @@ def training_options(fn):
     for opt in reversed(opts):
         fn = opt(fn)
     return functools.wraps(fn)(fn)
+
+
+def training_command(config_cls, train_fn, doc: str, check=None):
+    """The click command of a training script: load/override/validate the config, then train or print it.
+
+    ``check(cfg)`` (optional) runs before training, e.g. to verify the paired low-res preset exists.
+    """
+    from .config import dump_yaml
+    from .runs import prepare_run
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True}, help=doc)
+    @training_options
+    def main(config, cohort, run_dir, overrides, device, dry_run, quiet):
+        def job():
+            cfg = prepare_run(config, config_cls, cohort, run_dir, overrides, write=not dry_run)
+            if check is not None:
+                check(cfg)
+            if dry_run:
+                click.echo(dump_yaml(cfg), nl=False)
+                return
+            click.echo(f"done: {train_fn(cfg, device=device, progress=not quiet)}")
+
+        run_guarded(job)
+
+    return main

@@ -258,3 +258,31 @@ def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, em
     with atomic_path(out) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     return Path(out)
+
+
+def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | None, list[str]]:
+    """The newest low-res and super-res checkpoints under ``model_dir`` (searched recursively).
+
+    A run folder is a super-resolution run when its config names a ``lowres_config``.  Returns
+    (lowres, superres or None, messages saying what was taken); raises FileNotFoundError naming the folder
+    when no low-resolution checkpoint is found."""
+    import yaml
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: --model_dir is not a folder")
+    found: dict[str, list[Path]] = {"lowres": [], "superres": []}
+    for run in sorted({p.parent for p in root.rglob("ckpt-*.pt")}):
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            continue
+        cfg_file = run / "config.yaml"
+        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else load_checkpoint(ckpt)["config"]
+        found["superres" if "lowres_config" in (cfg or {}) else "lowres"].append(ckpt)
+    if not found["lowres"]:
+        raise FileNotFoundError(f"{root}: no low-resolution checkpoint (ckpt-*.pt in a low-res run folder) found")
+    pick = {k: max(v, key=lambda p: p.stat().st_mtime) if v else None for k, v in found.items()}
+    msgs = [f"low-res checkpoint: {pick['lowres']}" + (f" (newest of {len(found['lowres'])} runs)"
+                                                       if len(found["lowres"]) > 1 else "")]
+    msgs.append(f"super-res checkpoint: {pick['superres']}" if pick["superres"] else
+                f"no super-resolution checkpoint under {root}: running the low-res stage only")
+    return pick["lowres"], pick["superres"], msgs

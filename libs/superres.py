@@ -105,10 +105,21 @@ class Pairing:
                        lowres.diffusion.sigma_data)
 
 
-def load_pairing(cfg: SRConfig) -> Pairing:
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def lowres_config_path(cfg: SRConfig) -> Path:
+    """``lowres_config`` as given (from the current directory) or, failing that, from the repository root —
+    so the presets' repository-relative paths work from inside the stage folders too."""
     path = Path(cfg.lowres_config)
-    if not path.is_file():
-        raise ConfigError(f"lowres_config: {path} not found (the low-res preset this SR stage pairs with)")
+    for candidate in (path, REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"lowres_config: {path} not found (the low-res preset this SR stage pairs with)")
+
+
+def load_pairing(cfg: SRConfig) -> Pairing:
+    path = lowres_config_path(cfg)
     pairing = Pairing.of(load_config(path, LowresConfig))
     if any(p > g for p, g in zip(cfg.data.patch, pairing.grid)):
         raise ConfigError(f"data.patch {cfg.data.patch} is larger than the paired grid {list(pairing.grid)}")
