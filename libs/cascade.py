@@ -13,16 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, sha256_file
-from .config import load_config
 from .demographics import Demographics
 from .diffusion import Denoiser
-from .ema import PowerFunctionEMA
 from .generate import (
     Model,
     _meta,
     load_lowres_model,
+    load_stage,
     pick_device,
-    resolve_checkpoint,
     restore_background,
     run_job,
     sample_lowres,
@@ -58,16 +56,7 @@ class SRModel:
 
 def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> SRModel:
     """Load a super-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint)."""
-    path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
-    cfg = load_config(ckpt["config"], SRConfig, origin=f"{path} (config)")
-    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
-    net.load_state_dict(ckpt["model"])
-    if ema and ckpt.get("ema"):
-        averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
-        averaged.load_state_dict(ckpt["ema"])
-        averaged.copy_to(net)
-    net.eval().to(device)
+    path, ckpt, cfg, net = load_stage(path, SRConfig, COND_CHANNELS, device, ema)
     norm = ckpt["normalization"]
     sigma = float(norm["sigma_data"])
     return SRModel(Denoiser(net, sigma), cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,

@@ -57,19 +57,25 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> Model:
-    """Load a low-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint) and
-    build its network in eval mode."""
+def load_stage(path: str | os.PathLike, config_cls, cond_channels: int, device: torch.device, ema: bool):
+    """Checkpoint (``weights_only``; a run folder means its newest) → (path, checkpoint, config, network in eval
+    mode on ``device``, holding the first EMA's weights unless ``ema`` is False)."""
     path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, map_location="cpu")
-    cfg = load_config(ckpt["config"], LowresConfig, origin=f"{path} (config)")
-    net = cfg.model.build(in_channels=2, cond_channels=4)
+    cfg = load_config(ckpt["config"], config_cls, origin=f"{path} (config)")
+    net = cfg.model.build(in_channels=2, cond_channels=cond_channels)
     net.load_state_dict(ckpt["model"])
     if ema and ckpt.get("ema"):
         averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
         averaged.load_state_dict(ckpt["ema"])
         averaged.copy_to(net)
-    net.eval().to(device)
+    return path, ckpt, cfg, net.eval().to(device)
+
+
+def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> Model:
+    """Load a low-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint) and
+    build its network in eval mode."""
+    path, ckpt, cfg, net = load_stage(path, LowresConfig, 4, device, ema)
     std = Standardize.from_record(ckpt["normalization"], cfg.diffusion.sigma_data)
     return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, Path(path), sha256_file(path), int(ckpt["step"]), std)
 

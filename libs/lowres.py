@@ -58,13 +58,12 @@ class DiffusionConfig:
 
 
 @dataclass
-class SampleConfig:
-    """EDM sampler settings used by inference (and recorded with each generated subject)."""
+class SamplerSettings:
+    """EDM sampler settings shared by both stages (recorded with each generated subject)."""
 
     solver: str = "heun"
     steps: int = 32
     sigma_min: float = 0.002
-    sigma_max: float = 80.0
     rho: float = 7.0
     churn: float = 0.0
 
@@ -72,6 +71,13 @@ class SampleConfig:
         if self.solver not in ("heun", "euler"):
             raise ValueError(f"solver must be 'heun' or 'euler', got {self.solver!r}")
         check_range("steps", self.steps, low=1)
+
+
+@dataclass
+class SampleConfig(SamplerSettings):
+    """Low-resolution sampler: the Karras schedule from ``sigma_max`` (EDM: 80) down to ``sigma_min``."""
+
+    sigma_max: float = 80.0
 
 
 @dataclass

@@ -20,7 +20,16 @@ import torch
 from .config import ConfigError, check_range, load_config, to_dict
 from .data import CohortVolumes, offset_of, polyphase
 from .diffusion import EDM2Loss
-from .lowres import HeightLaw, LowresConfig, ModelConfig, Standardize, channel_stats, expand_cond, normalization
+from .lowres import (
+    HeightLaw,
+    LowresConfig,
+    ModelConfig,
+    SamplerSettings,
+    Standardize,
+    channel_stats,
+    expand_cond,
+    normalization,
+)
 from .nn import count_parameters
 from .training import LoopConfig, OptimConfig, Trainer
 from .windows import position_channels, upsample_crop
@@ -49,18 +58,10 @@ class SRDiffusionConfig:
 
 
 @dataclass
-class SRSampleConfig:
-    solver: str = "heun"
-    steps: int = 32
-    sigma_min: float = 0.002
-    sigma_max_ratio: float = 160.0         # σ_max = ratio · σ_data (EDM: 80 / 0.5)
-    rho: float = 7.0
-    churn: float = 0.0
+class SRSampleConfig(SamplerSettings):
+    """Super-resolution sampler: σ_max follows the residual's σ_data."""
 
-    def __post_init__(self):
-        if self.solver not in ("heun", "euler"):
-            raise ValueError(f"solver must be 'heun' or 'euler', got {self.solver!r}")
-        check_range("steps", self.steps, low=1)
+    sigma_max_ratio: float = 160.0         # σ_max = ratio · σ_data (EDM: 80 / 0.5)
 
 
 @dataclass

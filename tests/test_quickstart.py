@@ -96,3 +96,40 @@ def test_model_dir_without_checkpoints_and_height_header(tmp_path, trained):
     res = run("2_Tests", "infer.py", "--model_dir", str(trained / "checkpoints"), "--demo_csv", str(bad),
               "--output_dir", str(tmp_path / "o"), "--quiet", "--device", "cpu")
     assert res.returncode != 0 and "height_m (metres" in res.stderr, res.stderr
+
+
+def test_run_preprocessing_on_an_autopet_style_release(tmp_path):
+    """Line 1: AutoPET NIfTI layout (detected) → work → labels (--labels_from) → cohort → height law."""
+    from libs.phantom.build import make_phantom
+    from libs.preprocess.autopet import find_studies
+    from libs.volumes import write_volume
+
+    raw, seg = tmp_path / "raw_data", tmp_path / "seg"
+    demos = sampled_demographics(10, seed=4)
+    meta, body, labels = ["Subject ID,Study Date,age,sex"], ["study,height_m,weight_kg"], {}
+    for k, demo in enumerate(demos):
+        ph = make_phantom(demo, seed=4, spacing_mm=8.0)
+        study = raw / f"PETCT_{k:04x}" / "01-02-2003-NA-PET-CT-1"
+        write_volume(study / "CT.nii.gz", ph.ct, ph.affine, "ct")
+        write_volume(study / "SUV.nii.gz", ph.suv, ph.affine, "suv")
+        labels[study.relative_to(raw).as_posix()] = (ph.labels, ph.affine)
+        meta.append(f"PETCT_{k:04x},01-02-2003,{demo.age_years:.0f},{demo.sex}")
+        body.append(f"PETCT_{k:04x},{demo.height_m},{demo.weight_kg}")
+    (raw / "Metadata.csv").write_text("\n".join(meta) + "\n")
+    (tmp_path / "body.csv").write_text("\n".join(body) + "\n")
+    for study in find_studies(raw):
+        write_volume(seg / f"{study.subject_id}.nii.gz", *labels[study.key], "labels")
+
+    out = tmp_path / "processed"
+    res = subprocess.run(["bash", "run_preprocessing.sh", "--input_dir", str(raw), "--output_dir", str(out),
+                          "--demographics", str(tmp_path / "body.csv"), "--labels_from", str(seg),
+                          "--spacing_mm", "8", "--size", "48", "--margin", "2", "--workers", "2", "--quiet"],
+                         cwd=ROOT / "0_Preprocess", capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "input: autopet" in res.stderr and "== step 1b:" in res.stderr and "== step 4:" in res.stderr
+    cohort = Cohort(out / "cohort")
+    got = {d.subject_id: d for d in cohort.demographics()}
+    assert sorted(got) == sorted(s.subject_id for s in find_studies(raw))
+    assert sorted(round(d.height_m, 3) for d in got.values()) == sorted(round(d.height_m, 3) for d in demos)
+    law = yaml.safe_load((out / "cohort" / "height_law.yaml").read_text())["height_law"]
+    assert 120.0 < law["a"] < 175.0, law  # the phantom's torso follows 146.6 slices per metre

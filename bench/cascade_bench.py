@@ -1,0 +1,552 @@
+#!/usr/bin/env python
+"""Full-cascade benchmark: seconds per subject (low-res + super-res sampling + post-processing) for several
+sampler step counts, peak memory, and images/s of super-resolution training.
+
+    taskset -c 0,1 .venv/bin/python bench/cascade_bench.py --size demo --device cpu --json-out cpu.json
+    .venv/bin/python bench/cascade_bench.py --size paper --device cuda --window-batch 16 --batch 8 \\
+        --steps-lowres 100 --steps-sr 100 --steps-lowres 32 --steps-sr 32 --steps-lowres 12 --steps-sr 12
+    .venv/bin/python bench/cascade_bench.py --steps-lowres 2 --steps-sr 2 --repeats 1 --skip-train  # smoke
+
+The networks are built, randomly initialised, from the YAML presets (``--size demo``: lowres_demo.yaml +
+superres_demo.yaml; ``--size paper``: lowres_paper.yaml + superres_paper.yaml) — the cost of a sampler
+step does not depend on the weights — and wrapped exactly as inference wraps loaded checkpoints
+(libs.diffusion.Denoiser in a libs.generate.Model / libs.cascade.SRModel, the latter with stand-in
+normalization constants).  What is timed is the library's own code path:
+
+- low-res: libs.generate.sample_lowres on ``--batch`` subjects at once, reported per subject;
+- SR: libs.cascade.sample_sr for one subject, every denoiser evaluation covering the whole grid with
+  overlapping blended windows, ``--window-batch`` windows per network call (bf16 autocast on CUDA, as the
+  library does);
+- post: libs.cascade.to_physical_hr (body length from height, HU / SUV, background) of one subject;
+- SR training: one libs.training.Trainer.train_step (EDM2Loss forward + backward + Adam + EMA update) on
+  ``--train-batch`` residual patches from libs.superres.ResidualPatches (assembled beforehand: in training
+  that is the loader workers' job).
+
+Times are medians over the timed repeats after ``--warmup`` untimed ones (a 1-step sampling call for the
+samplers, a training step for training; CUDA synchronized).  Speedups are against the first step pair
+given (by default the reference's 100 + 100).  Peak memory: CUDA torch.cuda.max_memory_allocated; CPU the
+rise of the process's peak RSS (ru_maxrss) over its value after imports, each cell in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from libs.cascade import SRModel, sample_sr, to_physical_hr
+from libs.config import load_config, to_dict
+from libs.demographics import Demographics, encode_many
+from libs.diffusion import Denoiser, EDM2Loss
+from libs.generate import Model, sample_lowres, subject_seed
+from libs.lowres import LowresConfig, Standardize
+from libs.nn import count_parameters
+from libs.superres import COND_CHANNELS, Pairing, ResidualPatches, SRConfig, sr_normalization
+from libs.training import Trainer
+from libs.windows import window_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "1_Trainings" / "configs"
+PRESETS = {"demo": ("lowres_demo.yaml", "superres_demo.yaml"), "paper": ("lowres_paper.yaml", "superres_paper.yaml")}
+# Stand-in normalization constants of an SR checkpoint (timing does not depend on them): per-channel mean / SD
+# of the [0, 1] cohort (CT, PET) and the residual's sigma_data; net_sigma comes from the low-res preset.
+CHANNEL_MEAN, CHANNEL_STD, SR_SIGMA_DATA = [0.3, 0.1], [0.25, 0.1], 0.05
+DEFAULT_STEPS = (100, 32, 12)
+# One paper-preset UNet forward on one 56×56×96 window, fp32, one core of the machine this was written on.
+PAPER_FORWARD_CPU_S = 24.0
+WORKER_TAG = "CASCADE_BENCH_RESULT "
+GIB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and inputs, built as inference builds them
+
+
+def _configs(size: str) -> tuple[LowresConfig, SRConfig]:
+    lr_name, sr_name = PRESETS[size]
+    return load_config(CONFIGS / lr_name, LowresConfig), load_config(CONFIGS / sr_name, SRConfig)
+
+
+def _lowres_model(size: str, device: torch.device, seed: int) -> Model:
+    """A libs.generate.Model as load_lowres_model returns it, with random weights and stand-in constants."""
+    cfg, _ = _configs(size)
+    torch.manual_seed(seed)
+    net = cfg.model.build(in_channels=2, cond_channels=4).eval().to(device)
+    std = Standardize(CHANNEL_MEAN, CHANNEL_STD, cfg.diffusion.sigma_data)
+    return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, CONFIGS / PRESETS[size][0], "random-init", 0, std)
+
+
+def _sr_normalization(size: str) -> tuple[SRConfig, Pairing, dict]:
+    lr_cfg, sr_cfg = _configs(size)
+    pairing = Pairing.of(lr_cfg)
+    return sr_cfg, pairing, sr_normalization(sr_cfg, pairing, CHANNEL_MEAN, CHANNEL_STD, SR_SIGMA_DATA)
+
+
+def _sr_model(size: str, device: torch.device, seed: int) -> SRModel:
+    """A libs.cascade.SRModel as load_sr_model returns it, with random weights and stand-in constants."""
+    cfg, _, norm = _sr_normalization(size)
+    torch.manual_seed(seed + 1)
+    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS).eval().to(device)
+    sigma = float(norm["sigma_data"])
+    return SRModel(Denoiser(net, sigma), cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,
+                   CONFIGS / PRESETS[size][1], "random-init", 0)
+
+
+def _subjects(n: int) -> list[Demographics]:
+    """``n`` plausible adults inside the paper's demographic ranges."""
+    return [Demographics(f"bench-{i:03d}", 1.60 + 0.05 * (i % 5), 60.0 + 5.0 * (i % 7), "MF"[i % 2],
+                         30.0 + 7.0 * (i % 9)) for i in range(n)]
+
+
+class _Volumes:
+    """The two attributes of libs.data.CohortVolumes that ResidualPatches reads, holding random volumes."""
+
+    def __init__(self, grid, records: list[Demographics], seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.volumes = [torch.rand(2, *grid, generator=g) for _ in records]
+        self.cond = torch.from_numpy(encode_many(records))
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+
+def _body(grid) -> torch.Tensor:
+    """(2, X, Y, Z) in [0, 1]: an elliptic soft-tissue body in air — a stand-in SR output for post-processing."""
+    x, y = torch.meshgrid(torch.linspace(-1, 1, grid[0]), torch.linspace(-1, 1, grid[1]), indexing="ij")
+    inside = ((x / 0.8) ** 2 + (y / 0.55) ** 2 <= 1.0).float()[:, :, None].expand(*grid)
+    return torch.stack([0.55 * inside, 0.15 * inside])
+
+
+def _evals(solver: str, steps: int) -> int:
+    """Denoiser evaluations of one sampling run (Heun: 2N − 1, Euler: N)."""
+    return 2 * steps - 1 if solver == "heun" else steps
+
+
+def _windows(sr_cfg: SRConfig, pairing: Pairing) -> tuple[list[int], int]:
+    size = list(sr_cfg.window.size or sr_cfg.data.patch)
+    win, starts, _ = window_grid(pairing.grid, size, sr_cfg.window.overlap)
+    return win, len(starts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One measurement (a "cell")
+
+
+def _no_sync():
+    pass
+
+
+def _timed(fn, n: int, sync) -> list[float]:
+    times = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _prime(device: torch.device) -> None:
+    """Load the convolution libraries and start the thread pool before the memory baseline is read."""
+    w = torch.randn(1, 1, 3, 3, 3, device=device, requires_grad=True)
+    torch.nn.functional.conv3d(torch.randn(1, 1, 4, 4, 4, device=device), w).sum().backward()
+
+
+def _lowres_cell(spec: dict, device: torch.device):
+    """(warm-up fn, timed fn, subjects per call, evaluations per call) of low-res sampling."""
+    model = _lowres_model(spec["size"], device, spec["seed"])
+    records = _subjects(spec["batch"])
+    seeds = [subject_seed(spec["seed"], d.subject_id) for d in records]
+    sample = dataclasses.replace(model.config.sample, steps=spec["steps"])
+    one = dataclasses.replace(sample, steps=1)
+    warm = functools.partial(sample_lowres, model, records, seeds, one, device)
+    fn = functools.partial(sample_lowres, model, records, seeds, sample, device)
+    return warm, fn, spec["batch"], _evals(sample.solver, sample.steps)
+
+
+def _sr_cell(spec: dict, device: torch.device):
+    """(warm-up fn, timed fn, subjects per call, evaluations per call) of whole-volume SR sampling."""
+    model = _sr_model(spec["size"], device, spec["seed"])
+    demo = _subjects(1)[0]
+    lr_shape = [g // model.factor for g in model.grid]
+    lr_u = torch.rand(2, *lr_shape, generator=torch.Generator().manual_seed(spec["seed"]))
+    seed = subject_seed(spec["seed"], demo.subject_id, stage=1)
+    sample = dataclasses.replace(model.config.sample, steps=spec["steps"])
+    one = dataclasses.replace(sample, steps=1)
+    window = dataclasses.replace(model.config.window, batch=spec["window_batch"])
+    warm = functools.partial(sample_sr, model, lr_u, demo, seed, one, window, device)
+    fn = functools.partial(sample_sr, model, lr_u, demo, seed, sample, window, device)
+    return warm, fn, 1, _evals(sample.solver, sample.steps)
+
+
+def _post_cell(spec: dict, device: torch.device):
+    """(warm-up fn, timed fn, 1, 0): to_physical_hr of one full-grid volume (runs on the CPU, as in inference)."""
+    cfg, pairing, norm = _sr_normalization(spec["size"])
+    model = SRModel(None, cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), SR_SIGMA_DATA,
+                    CONFIGS / PRESETS[spec["size"]][1], "random-init", 0)    # to_physical_hr reads normalization only
+    u, demo = _body(pairing.grid), _subjects(1)[0]
+    fn = functools.partial(to_physical_hr, u, demo, model)
+    return fn, fn, 1, 0
+
+
+def _train_cell(spec: dict, device: torch.device, tmp: str):
+    """(warm-up fn, timed fn, images per call, 0): one SR Trainer.train_step on prepared residual patches."""
+    cfg, pairing, norm = _sr_normalization(spec["size"])
+    std = Standardize(CHANNEL_MEAN, CHANNEL_STD, pairing.net_sigma)
+    patches = ResidualPatches(_Volumes(pairing.grid, _subjects(2), spec["seed"]), pairing, cfg.data.patch, std)
+    x, cond = patches.batch(np.random.default_rng(spec["seed"]), spec["batch"])
+    torch.manual_seed(spec["seed"] + 1)
+    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
+    optim = dataclasses.replace(cfg.optim, batch=spec["batch"])
+    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, SR_SIGMA_DATA)
+    trainer = Trainer(net, loss, None, optim, cfg.loop, Path(tmp) / "run", to_dict(cfg), norm, SR_SIGMA_DATA,
+                      device=str(device), progress=False)
+    x, cond = x.to(trainer.device), cond.to(trainer.device)
+    fn = functools.partial(trainer.train_step, x, cond)
+    return fn, fn, spec["batch"], 0
+
+
+def measure(spec: dict) -> dict:
+    """Run one cell (kind lowres / sr / post / train) in this process; returns ``spec`` plus the results."""
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    sync = functools.partial(torch.cuda.synchronize, device) if cuda else _no_sync
+    _prime(device)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = _peak_rss_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        kind = spec["kind"]
+        if kind == "train":
+            warm, fn, items, evals = _train_cell(spec, device, tmp)
+        else:
+            warm, fn, items, evals = {"lowres": _lowres_cell, "sr": _sr_cell, "post": _post_cell}[kind](spec, device)
+        warmup = _timed(warm, spec["warmup"], sync)
+        times = _timed(fn, spec["repeats"], sync)
+    median = statistics.median(times)
+    out = {**spec, "warmup_s": warmup, "times_s": times, "median_s": median, "items_per_call": items,
+           "per_item_s": median / items, "evals": evals, "s_per_eval": median / evals if evals else None,
+           "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes() - rss0,
+           "mem_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS increase (fresh subprocess)"}
+    if cuda:
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    if kind == "train":
+        out["images_per_s"] = items / median
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where a measurement runs
+
+
+def _in_subprocess(spec: dict) -> dict:
+    """Run :func:`measure` in a fresh interpreter so its peak RSS is its own (CPU)."""
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith(WORKER_TAG):
+            return json.loads(line[len(WORKER_TAG):])
+    lines = proc.stderr.strip().splitlines()
+    return {**spec, "error": lines[-1] if lines else f"worker exited with code {proc.returncode}"}
+
+
+def _in_process(spec: dict) -> dict:
+    """Run :func:`measure` here (CUDA); an out-of-memory or other failure becomes an ``error`` entry."""
+    try:
+        result = measure(spec)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in first.lower()
+        result = {**spec, "error": "OOM" if oom else f"{type(err).__name__}: {first[:160]}"}
+    gc.collect()  # the exception's frames are gone here, so their tensors can be released
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def _secs(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _gib(r: dict | None) -> str:
+    return "–" if r is None or "error" in r else f"{r['peak_mem_bytes'] / GIB:.2f}"
+
+
+def _pairs(results: list[dict], pairs: list[tuple[int, int]]) -> list[dict]:
+    """One row per (low-res steps, SR steps): per-subject seconds of each part, cascade total, speedups."""
+    ok = {(r["kind"], r.get("steps")): r for r in results if "error" not in r}
+    err = {(r["kind"], r.get("steps")): r["error"] for r in results if "error" in r}
+    post = ok.get(("post", None))
+    rows = []
+    for n_lr, n_sr in pairs:
+        lr, sr = ok.get(("lowres", n_lr)), ok.get(("sr", n_sr))
+        row = {"steps_lowres": n_lr, "steps_sr": n_sr, "lowres": lr, "sr": sr,
+               "error": err.get(("lowres", n_lr)) or err.get(("sr", n_sr))}
+        if lr and sr:
+            row["lowres_s"], row["sr_s"] = lr["per_item_s"], sr["per_item_s"]
+            row["post_s"] = post["per_item_s"] if post else 0.0
+            row["cascade_s"] = row["lowres_s"] + row["sr_s"] + row["post_s"]
+        rows.append(row)
+    ref = rows[0] if rows and "cascade_s" in rows[0] else None
+    for row in rows:
+        if ref and "cascade_s" in row:
+            row["speedup_vs_first"] = {k: ref[f"{k}_s"] / row[f"{k}_s"] for k in ("lowres", "sr", "cascade")}
+    return rows
+
+
+def _pair_table(rows: list[dict], windows: int) -> str:
+    ref = f"{rows[0]['steps_lowres']}+{rows[0]['steps_sr']}" if rows else "first"
+    head = ["steps LR+SR", "evals LR / SR", "low-res s/subj", "SR s/subj", "post s/subj", "cascade s/subj",
+            f"speedup vs {ref} (LR / SR / cascade)", f"SR s/eval ({windows} window{'s' * (windows > 1)})",
+            "peak GiB LR / SR", "repeats LR / SR"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lr, sr = row["lowres"], row["sr"]
+        steps = f"{row['steps_lowres']}+{row['steps_sr']}"
+        if "cascade_s" not in row:
+            lines.append("| " + " | ".join([steps, row["error"] or "–"] + ["–"] * (len(head) - 2)) + " |")
+            continue
+        sp = row.get("speedup_vs_first")
+        speed = " / ".join(f"{sp[k]:.2f}×" for k in ("lowres", "sr", "cascade")) if sp else "–"
+        cells = [steps, f"{lr['evals']} / {sr['evals']}", _secs(row["lowres_s"]), _secs(row["sr_s"]),
+                 _secs(row["post_s"]), _secs(row["cascade_s"]), speed, _secs(sr["s_per_eval"]),
+                 f"{_gib(lr)} / {_gib(sr)}", f"{lr['repeats']} / {sr['repeats']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _train_table(r: dict, patch) -> str:
+    head = ["SR training", "patch", "batch", "step median s", "images/s", "peak GiB", "repeats"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    shape = "×".join(map(str, patch))
+    if "error" in r:
+        lines.append(f"| Trainer.train_step | {shape} | {r['batch']} | {r['error']} | – | – | {r['repeats']} |")
+    else:
+        lines.append(f"| Trainer.train_step | {shape} | {r['batch']} | {_secs(r['median_s'])} | "
+                     f"{r['images_per_s']:.3g} | {_gib(r)} | {r['repeats']} |")
+    return "\n".join(lines)
+
+
+def _available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        return names[0] if names else platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _paper_cpu_note() -> str:
+    lr_cfg, sr_cfg = _configs("paper")
+    pairing = Pairing.of(lr_cfg)
+    win, n = _windows(sr_cfg, pairing)
+    per_eval = n * PAPER_FORWARD_CPU_S
+    days = _evals(sr_cfg.sample.solver, 100) * per_eval / 86400
+    grid, shape = "×".join(map(str, pairing.grid)), "×".join(map(str, win))
+    return (f"paper size on CPU is impractical: one paper-preset UNet forward on one {shape} window takes "
+            f"~{PAPER_FORWARD_CPU_S:.0f} s on one core of the machine this script was written on, and one {grid} SR "
+            f"evaluation needs {n} windows (~{per_eval / 60:.0f} core-minutes), so 100 Heun SR steps "
+            f"({_evals(sr_cfg.sample.solver, 100)} evaluations) would take ~{days:.0f} core-days per subject; "
+            "measure paper size with --device cuda")
+
+
+def _environment(size: str, device: str, threads: int, window_batch: int) -> dict:
+    lr_cfg, sr_cfg = _configs(size)
+    pairing = Pairing.of(lr_cfg)
+    win, n_windows = _windows(sr_cfg, pairing)
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    env = {"command": shlex.join([sys.executable] + sys.argv), "torch": torch.__version__,
+           "python": platform.python_version(), "cpu": _cpu_name(), "cpu_affinity": affinity, "torch_threads": threads,
+           "device": device, "size": size, "presets": list(PRESETS[size]),
+           "lowres_parameters": count_parameters(lr_cfg.model.build(in_channels=2, cond_channels=4)),
+           "sr_parameters": count_parameters(sr_cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)),
+           "grid": list(pairing.grid), "factor": pairing.factor, "lowres_shape": list(lr_cfg.sample_shape),
+           "patch": list(sr_cfg.data.patch), "window": win, "overlap": sr_cfg.window.overlap,
+           "windows_per_eval": n_windows, "window_batch": window_batch,
+           "sample_lowres": dataclasses.asdict(lr_cfg.sample), "sample_sr": dataclasses.asdict(sr_cfg.sample),
+           "stand_in_normalization": {"channel_mean": CHANNEL_MEAN, "channel_std": CHANNEL_STD,
+                                      "net_sigma": pairing.net_sigma, "sigma_data": SR_SIGMA_DATA},
+           "train_loop": {"bf16": sr_cfg.loop.bf16, "channels_last": sr_cfg.loop.channels_last,
+                          "compile": sr_cfg.loop.compile}}
+    if torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return env
+
+
+def _header(env: dict, batch: int, warmup: int) -> str:
+    gpu = f"{env['gpu']} (CUDA {env['cuda']})" if "gpu" in env else "none"
+    mm = "×".join
+    lr, sr = env["sample_lowres"], env["sample_sr"]
+    cuda = env["device"] == "cuda"
+    lines = [
+        f"# Cascade benchmark ({env['size']} size, {env['device']})", "",
+        f"- command: `{env['command']}`",
+        f"- torch {env['torch']}, Python {env['python']}; CPU: {env['cpu']}, {env['torch_threads']} torch threads, "
+        f"affinity {env['cpu_affinity']}; GPU: {gpu}",
+        f"- presets {' + '.join(env['presets'])}, random weights: low-res UNet {env['lowres_parameters'] / 1e6:.2f} M "
+        f"parameters on {mm(map(str, env['lowres_shape']))}, SR UNet {env['sr_parameters'] / 1e6:.2f} M on the "
+        f"{mm(map(str, env['grid']))} grid (×{env['factor']}); SR windows {mm(map(str, env['window']))}, overlap "
+        f"{env['overlap']}: {env['windows_per_eval']} per denoiser evaluation, {env['window_batch']} per call",
+        f"- samplers: low-res {lr['solver']} σ {lr['sigma_min']}–{lr['sigma_max']}, {batch} subjects per batch "
+        f"(reported per subject); SR {sr['solver']} σ_max {sr['sigma_max_ratio']}·σ_data, one subject; "
+        f"{'bf16 autocast (the library default on CUDA)' if cuda else 'fp32'}",
+        "- post = to_physical_hr (length from height, HU/SUV, background) of one subject; NIfTI writing excluded",
+        f"- median of the timed repeats after {warmup} warm-up (1-step sampling call / training step); "
+        "speedup = time of the first step pair / time",
+        "- peak GiB: CPU = rise of peak RSS in a fresh subprocess per cell; CUDA = torch.cuda.max_memory_allocated",
+    ]
+    if env["size"] == "demo" or env["device"] == "cpu":
+        lines.append(f"- note: {_paper_cpu_note()}")
+    return "\n".join(lines + [""])
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _worker(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    click.echo(WORKER_TAG + json.dumps(measure(spec)))
+
+
+def _step_pairs(lows: tuple[int, ...], srs: tuple[int, ...]) -> list[tuple[int, int]]:
+    lows, srs = lows or DEFAULT_STEPS, srs or DEFAULT_STEPS
+    if len(lows) != len(srs):
+        if len(lows) == 1:
+            lows = lows * len(srs)
+        elif len(srs) == 1:
+            srs = srs * len(lows)
+        else:
+            raise click.BadParameter(f"{len(lows)} --steps-lowres values but {len(srs)} --steps-sr values (pairs are "
+                                     "formed in order; give both the same number of times, or one of them once)",
+                                     param_hint="--steps-sr")
+    return list(dict.fromkeys(zip(lows, srs)))
+
+
+def _run_all(base: dict, pairs, batch: int, window_batch: int, train_batch: int | None,
+             repeats_for) -> list[dict]:
+    specs = [{**base, "kind": "lowres", "steps": n, "batch": batch, "repeats": repeats_for(n)}
+             for n in dict.fromkeys(p[0] for p in pairs)]
+    specs += [{**base, "kind": "sr", "steps": n, "window_batch": window_batch, "repeats": repeats_for(n)}
+              for n in dict.fromkeys(p[1] for p in pairs)]
+    specs.append({**base, "kind": "post", "repeats": base["repeats"]})
+    if train_batch:
+        specs.append({**base, "kind": "train", "batch": train_batch, "repeats": base["repeats"]})
+    results = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        result = (_in_subprocess if spec["device"] == "cpu" else _in_process)(spec)
+        status = result.get("error") or f"median {result['median_s']:.3f} s over {spec['repeats']}"
+        steps = f" {spec['steps']} steps" if "steps" in spec else ""
+        click.echo(f"  {spec['kind']}{steps}: {status} ({time.perf_counter() - t0:.0f} s wall)", err=True)
+        results.append(result)
+    return results
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--size", type=click.Choice(["demo", "paper"]), help="Presets: demo (lowres_demo + superres_demo, "
+              "56×56×96) or paper (lowres_paper + superres_paper, 224×224×384). [default: demo on CPU, paper on CUDA]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to run; auto = cuda when available.")
+@click.option("--steps-lowres", "steps_lowres", type=click.IntRange(1, 1000), multiple=True, metavar="N",
+              help="Low-res sampler steps (repeatable; paired in order with --steps-sr). [default: 100, 32, 12]")
+@click.option("--steps-sr", "steps_sr", type=click.IntRange(1, 1000), multiple=True, metavar="N",
+              help="SR sampler steps (repeatable; paired in order with --steps-lowres). [default: 100, 32, 12]")
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, metavar="N",
+              help="Subjects per low-res sampling batch (inference's default); seconds are per subject.")
+@click.option("--window-batch", type=click.IntRange(min=1), metavar="N",
+              help="SR windows per network call. [default: the SR preset's window.batch]")
+@click.option("--train-batch", type=click.IntRange(min=1), metavar="N",
+              help="Patches per SR training step. [default: the SR preset's optim.batch]")
+@click.option("--skip-train", is_flag=True, help="Do not measure SR training.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+              help="Untimed calls first (a 1-step sampling call, or a training step).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, metavar="N",
+              help="Timed repeats per cell; the median is reported.")
+@click.option("--long-repeats", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Timed repeats for sampling cells of at least --long-steps steps.")
+@click.option("--long-steps", type=click.IntRange(min=1), default=64, show_default=True, metavar="N",
+              help="Sampling cells with this many steps or more count as long.")
+@click.option("--threads", type=click.IntRange(min=1), default=_available_cpus(),
+              show_default="the CPUs this process may run on", metavar="N", help="torch.set_num_threads.")
+@click.option("--allow-paper-cpu", is_flag=True, help="Run --size paper on the CPU anyway (days per subject).")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of weights and inputs.")
+@click.option("--json-out", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Also write every measurement (all iteration times) as JSON.")
+@click.option("--worker", hidden=True, metavar="SPEC", help="Internal: run one measurement, print it as JSON.")
+def main(size, device, steps_lowres, steps_sr, batch, window_batch, train_batch, skip_train, warmup, repeats,
+         long_repeats, long_steps, threads, allow_paper_cpu, seed, json_out, worker):
+    """Time the full cascade per subject (low-res + SR + post) for several step counts, its peak memory, and
+    SR training images/s, with randomly initialised networks from the YAML presets."""
+    if worker:
+        _worker(worker)
+        return
+    cuda_ok = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda_ok else "cpu"
+    if device == "cuda" and not cuda_ok:
+        raise click.BadParameter("cuda requested but torch.cuda.is_available() is False", param_hint="--device")
+    size = size or ("paper" if device == "cuda" else "demo")
+    if size == "paper" and device == "cpu" and not allow_paper_cpu:
+        raise click.UsageError(_paper_cpu_note() + " (or pass --allow-paper-cpu)")
+    pairs = _step_pairs(steps_lowres, steps_sr)
+    _, sr_cfg = _configs(size)
+    window_batch = window_batch or sr_cfg.window.batch
+    train_batch = None if skip_train else train_batch or sr_cfg.optim.batch
+    torch.set_num_threads(threads)
+    env = _environment(size, device, threads, window_batch)
+    click.echo(_header(env, batch, warmup))
+    base = {"size": size, "device": device, "warmup": warmup, "repeats": repeats, "seed": seed, "threads": threads}
+    start = time.perf_counter()
+    results = _run_all(base, pairs, batch, window_batch, train_batch,
+                       lambda n: long_repeats if n >= long_steps else repeats)
+    rows = _pairs(results, pairs)
+    click.echo(_pair_table(rows, env["windows_per_eval"]))
+    train = next((r for r in results if r["kind"] == "train"), None)
+    if train is not None:
+        click.echo("")
+        click.echo(_train_table(train, env["patch"]))
+    wall = time.perf_counter() - start
+    click.echo(f"\nwall time of all cells (subprocess start-up, model builds and warm-up included): {wall:.0f} s")
+    if json_out:
+        summary = [{k: v for k, v in row.items() if k not in ("lowres", "sr")} for row in rows]
+        with open(json_out, "w") as fh:
+            json.dump({"environment": env, "results": results, "pairs": summary, "wall_s": wall}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
