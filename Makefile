@@ -27,7 +27,7 @@ demo: $(STAMP)
 	    --previews $(DEMO)/results/phantom_previews --distribution-figure $(DEMO)/results/phantom_distribution.png
 	$(PY) 1_Trainings/train_lowres.py --config 1_Trainings/configs/lowres_demo.yaml --quiet
 	$(PY) 1_Trainings/train_superres.py --config 1_Trainings/configs/superres_demo.yaml --quiet
-	$(PY) 0_Preprocess/0_make_phantom_cohort.py --out $(DEMO)/heldout --n 12 --seed 1 --prefix heldout \
+	$(PY) 0_Preprocess/0_make_phantom_cohort.py --out $(DEMO)/heldout --n 8 --seed 1 --prefix heldout \
 	    --spacing-mm 8 --quiet
 	$(PY) 2_Tests/infer.py --lowres $(DEMO)/runs/lowres --superres $(DEMO)/runs/superres \
 	    --demographics $(DEMO)/heldout/demographics.csv --out $(DEMO)/generated --quiet

@@ -22,13 +22,17 @@ BOXES = {  # name: (x, y, width, height, colour, text)
     "csv": (0.2, 0.6, 2.2, 0.9, "#d9d9d9", "height · weight\nsex · age (CSV)"),
     "infer": (3.0, 0.5, 5.6, 1.1, "#dadaeb", "2_Tests/infer.py: LR sample → whole-volume SR (blended windows)\n"
                                              "→ length from height → CT (HU) + SUV, 224×224×Z at 2 mm"),
-    "eval": (9.3, 0.5, 2.8, 1.1, "#fcbba1", "3_Evaluations\nTotalSegmentator · organ stats\nWelch · ANOVA · violins"),
+    "eval": (9.3, 0.5, 2.8, 1.1, "#fcbba1", "3_Evaluations (vs a reference cohort)\nTotalSegmentator · organ stats\n"
+                                            "Welch · ANOVA · violins"),
 }
 ARROWS = [  # (from point, to point) in axes units, routed so that no arrow crosses a box
     ((2.4, 3.6), (3.0, 3.6)), ((5.6, 3.6), (6.2, 3.6)), ((7.4, 4.6), (7.4, 4.1)),
     ((8.6, 3.8), (9.3, 4.3)), ((8.6, 3.4), (9.3, 2.8)),
-    ((2.4, 1.05), (3.0, 1.05)), ((9.35, 3.95), (8.0, 1.6)), ((9.5, 2.3), (8.6, 1.5)),
-    ((8.6, 1.05), (9.3, 1.05)), ((7.0, 3.1), (9.4, 1.6)),
+    ((10.7, 3.9), (10.7, 3.3)), ((2.4, 1.05), (3.0, 1.05)), ((9.3, 2.45), (8.6, 1.6)),
+    ((8.6, 1.05), (9.3, 1.05)),
+]
+LABELS = [  # (x, y, text) beside an arrow
+    (10.8, 3.6, "LR config: grid, height law"), (8.1, 2.05, "both checkpoints"),
 ]
 
 
@@ -39,6 +43,8 @@ def draw(path: Path) -> Path:
         ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=8.5)
     for a, b in ARROWS:
         ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=12, color="#333333", lw=1))
+    for x, y, text in LABELS:
+        ax.text(x, y, text, fontsize=7.5, style="italic", color="#333333", va="center")
     ax.set_xlim(0, 12.3)
     ax.set_ylim(0.2, 5.6)
     ax.axis("off")

@@ -297,3 +297,76 @@ def test_run_preprocessing_detects_dicom_and_stops_at_the_failing_step(tmp_path)
     assert "step 2 (2_segment_organs.py) failed" in run.stderr and "step 3" not in run.stderr, run.stderr
     assert len((tmp_path / "out" / "work" / "demographics.csv").read_text().splitlines()) == 2
     assert not (tmp_path / "out" / "cohort").exists()
+
+
+def _phantom_as_dicom(root: Path, ph, demo) -> str:
+    """The phantom's CT (HU) and PET (BQML, per-slice slopes, 1 h uptake) as axial DICOM series; its StudyUID."""
+    a = ph.affine
+    assert np.allclose(a[:3, :3], np.diag(np.diag(a[:3, :3]))) and (np.diag(a)[:3] > 0).all()
+    nx, ny, nz = ph.ct.shape
+    study, ct_uid, pt_uid = generate_uid(), generate_uid(), generate_uid()
+    decayed = DOSE * 2.0 ** (-3600.0 / HALF_LIFE)
+    for k in range(nz):
+        ras = a @ np.array([nx - 1, ny - 1, k, 1.0])        # the voxel DICOM pixel (0, 0) shows
+        for modality, uid in (("CT", ct_uid), ("PT", pt_uid)):
+            ds = _base(modality, study, uid, float(ras[2]), shape=(ny, nx))
+            ds.ImagePositionPatient = [float(-ras[0]), float(-ras[1]), float(ras[2])]
+            ds.PixelSpacing = [float(a[1, 1]), float(a[0, 0])]
+            ds.PatientSize, ds.PatientWeight = f"{demo.height_m:.3f}", f"{demo.weight_kg:.1f}"
+            ds.PatientSex, ds.PatientAge = demo.sex, f"{int(demo.age_years):03d}Y"
+            ras_slice = (ph.ct if modality == "CT" else ph.suv)[::-1, ::-1, k].T   # rows = -A, columns = -R
+            if modality == "CT":
+                ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+                stored = ras_slice.astype(np.int32) + 1024
+            else:
+                ds.Units, ds.CorrectedImage, ds.DecayCorrection = "BQML", ["ATTN", "DECAY"], "START"
+                item = pydicom.Dataset()
+                item.RadionuclideTotalDose, item.RadionuclideHalfLife = str(DOSE), str(HALF_LIFE)
+                item.RadiopharmaceuticalStartTime = "100000"
+                ds.RadiopharmaceuticalInformationSequence = [item]
+                bqml = ras_slice.astype(np.float64) * decayed / (demo.weight_kg * 1000.0)
+                slope = max(bqml.max(), 1e-3) / 30000.0
+                ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", 0
+                stored = np.rint(bqml / float(f"{slope:.10g}"))
+            ds.PixelData = np.ascontiguousarray(stored, dtype=np.int16).tobytes()
+            (root / uid[-6:]).mkdir(parents=True, exist_ok=True)
+            ds.save_as(root / uid[-6:] / f"{k:04d}.dcm", enforce_file_format=True)
+    return study
+
+
+def test_phantom_through_dicom_and_every_step_end_to_end(tmp_path):
+    """Phantom → DICOM → run_preprocessing.sh (steps 1, 2 with --labels_from, 3) → the phantom again."""
+    from libs.cohort import Cohort
+    from libs.demographics import Demographics
+    from libs.phantom.build import make_phantom
+    from libs.volumes import write_volume
+
+    demo = Demographics("x", 1.71, 74.5, "M", 63.0)
+    ph = make_phantom(demo, seed=5, spacing_mm=8.0)
+    study = _phantom_as_dicom(tmp_path / "raw", ph, demo)
+    sid = "sub-" + __import__("hashlib").sha256(study.encode()).hexdigest()[:12]
+    write_volume(tmp_path / "seg" / f"{sid}.nii.gz", ph.labels, ph.affine, "labels")
+    run = subprocess.run(["bash", "run_preprocessing.sh", "--input_dir", str(tmp_path / "raw"), "--output_dir",
+                          str(tmp_path / "out"), "--labels_from", str(tmp_path / "seg"), "--spacing_mm", "8",
+                          "--size", "48", "--margin", "2", "--no_height_fit", "--quiet"],
+                         capture_output=True, text=True, cwd=ROOT / "0_Preprocess")
+    assert run.returncode == 0, run.stderr
+    cohort = Cohort(tmp_path / "out" / "cohort")
+    (got,) = cohort.demographics()
+    assert (got.subject_id, got.sex, got.age_years) == (sid, "M", 63.0)
+    assert abs(got.height_m - 1.71) < 1e-6 and abs(got.weight_kg - 74.5) < 1e-6
+    ct = read_volume(cohort.path("ct", sid), "ct")
+    suv = read_volume(cohort.path("suv", sid), "suv")
+    labels = read_volume(cohort.path("labels", sid), "labels")
+    # same spacing and axes: the cohort grid is the phantom grid shifted by whole voxels
+    shift = np.linalg.inv(ph.affine) @ ct.affine
+    assert np.allclose(shift[:3, :3], np.eye(3)) and np.allclose(shift[:3, 3], np.rint(shift[:3, 3]), atol=1e-4)
+    off = np.rint(shift[:3, 3]).astype(int)
+    idx = np.indices(ct.array.shape).reshape(3, -1) + off[:, None]
+    inside = ((idx >= 0) & (idx < np.array(ph.ct.shape)[:, None])).all(axis=0)
+    body = (ct.array.reshape(-1) > -1000) & inside
+    assert body.sum() > 0.2 * ct.array.size
+    src = tuple(idx[:, body])
+    np.testing.assert_array_equal(ct.array.reshape(-1)[body], ph.ct[src])
+    np.testing.assert_allclose(suv.array.reshape(-1)[body], ph.suv[src], rtol=2e-4, atol=2e-4 * ph.suv.max())
+    np.testing.assert_array_equal(labels.array.reshape(-1)[body], ph.labels[src])

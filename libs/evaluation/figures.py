@@ -84,7 +84,9 @@ def violin_figure(path: str | os.PathLike, cohorts, panels: list[tuple[str, str]
 
 
 def demographics_figure(path: str | os.PathLike, cohorts: dict[str, list[Demographics]]) -> Path:
-    """Histograms (density) of age, height, weight and BMI; rows F / M; cohorts overlaid as steps."""
+    """Histograms (density) of age, height, weight and BMI; rows F / M; the first cohort (the reference) as
+    filled bars, the others overlaid as steps — so a cohort generated from the reference's demographics
+    shows as a step outline exactly on the filled bars."""
     measures = (("age (y)", lambda d: d.age_years, np.arange(15, 106, 5)),
                 ("height (cm)", lambda d: 100 * d.height_m, np.arange(140, 211, 5)),
                 ("weight (kg)", lambda d: d.weight_kg, np.arange(30, 161, 5)),
@@ -96,8 +98,9 @@ def demographics_figure(path: str | os.PathLike, cohorts: dict[str, list[Demogra
             for i, (name, records) in enumerate(cohorts.items()):
                 vals = [fn(d) for d in records if d.sex == code]
                 if vals:
-                    ax.hist(vals, bins=bins, histtype="step", density=True, linewidth=1.4,
-                            color=COLOURS[i % len(COLOURS)], label=f"{name} (n={len(vals)})")
+                    style = {"histtype": "stepfilled", "alpha": 0.35} if i == 0 else {"histtype": "step"}
+                    ax.hist(vals, bins=bins, density=True, linewidth=1.4, color=COLOURS[i % len(COLOURS)],
+                            label=f"{name} (n={len(vals)})", **style)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.tick_params(labelsize=7)
             if col == 0:
