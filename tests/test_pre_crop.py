@@ -154,3 +154,11 @@ def test_height_cli_writes_the_lowres_yaml(tmp_path):
     assert (tmp_path / "h.png").stat().st_size > 0
     from libs.lowres import HeightLaw
     HeightLaw(**law["height_law"])
+
+
+def test_failure_messages_lose_paths_but_keep_folder_words():
+    from libs.preprocess.jobs import scrub
+    msg = "no labels/ folder for /data/Doe^John_1960/PET_CT/ct.nii.gz (see C:\\scans\\Doe); step 2 first\nsecond"
+    out = scrub(msg)
+    assert "Doe" not in out and "1960" not in out and "second" not in out
+    assert out == "no labels/ folder for <path> (see <path> step 2 first"

@@ -16,7 +16,9 @@ from tqdm import tqdm
 from ..files import atomic_write_text
 from .errors import SkipStudy
 
-_PATHLIKE = re.compile(r"\S*[/\\]\S*")
+# a token with a path separator followed by more characters ("/data/Doe^John/ct", "a\\b"); a bare
+# folder word like "labels/" in a message of ours stays readable
+_PATHLIKE = re.compile(r"\S*[/\\][^\s/\\]\S*")
 
 
 @dataclass
