@@ -133,3 +133,21 @@ def test_run_preprocessing_on_an_autopet_style_release(tmp_path):
     assert sorted(round(d.height_m, 3) for d in got.values()) == sorted(round(d.height_m, 3) for d in demos)
     law = yaml.safe_load((out / "cohort" / "height_law.yaml").read_text())["height_law"]
     assert 120.0 < law["a"] < 175.0, law  # the phantom's torso follows 146.6 slices per metre
+
+
+def test_lowres_quality_bench_on_the_tiny_run(trained, tmp_path):
+    out = tmp_path / "q.json"
+    run_dir = trained / "checkpoints" / "lowres"
+    res = subprocess.run([sys.executable, "bench/lowres_quality.py", "--lowres", str(run_dir),
+                          "--cohort", str(trained / "processed"), "--subjects", "2", "--json-out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    q = json.loads(out.read_text())
+    assert q["subjects"] == 2 and q["sample_steps"] == 2
+    # the training cohort, standardized with its own channel statistics: RMS ≈ σ_data = 0.5
+    assert q["data_rms"] == pytest.approx(0.5, rel=0.2)
+    rmse = {float(k): v for k, v in q["denoising_rmse"].items()}
+    assert sorted(rmse) == [0.05, 0.2, 0.5, 1.0, 2.0, 5.0]
+    # EDM preconditioning bounds the error at large σ whatever the weights: far below the noise itself
+    assert rmse[5.0] < 2.0 and rmse[2.0] < 2.0
+    assert 0 < q["roughness_reference_hu"] < 1000 and 0 < q["roughness_generated_hu"] < 1000
