@@ -7,10 +7,15 @@
    beats both at every σ; an undertrained one sits near σ at small σ;
 2. the CT roughness of samples: mean |difference| of neighbouring voxels along x within the CT window
    [−500, 500] HU, for cascade-free low-res samples of the held-out demographics and for the held-out
-   volumes themselves, polyphase-subsampled to the same in-plane grid.
+   volumes themselves, polyphase-subsampled to the same in-plane grid;
+3. with ``--weight-sweep N``: does the generated body grow with the requested weight?  N subjects of
+   1.75 m, age 50, alternating sex, weights evenly spaced over 50–100 kg; girth = mean area per axial
+   slice (cm²) of voxels with CT > −200 HU; Pearson r and slope vs weight, for the samples and for phantoms
+   of the same demographics put through the same training grid (the issue's GPU check, runnable anywhere).
 
     .venv/bin/python bench/lowres_quality.py --lowres demo_out/runs/lowres --cohort demo_out/heldout
-    .venv/bin/python bench/lowres_quality.py --lowres RUN --cohort data/test --subjects 16 --device cuda
+    .venv/bin/python bench/lowres_quality.py --lowres RUN --cohort data/test --subjects 16 --device cuda \
+        --weight-sweep 24
 
 Used for the README's "The noise is undertraining" paragraph (200- vs 600-step demo models).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -30,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from libs.cohort import Cohort  # noqa: E402
 from libs.data import normalized_volume, polyphase  # noqa: E402
-from libs.demographics import encode_many  # noqa: E402
+from libs.demographics import Demographics, encode_many  # noqa: E402
 from libs.generate import load_lowres_model, pick_device, sample_lowres, subject_seed  # noqa: E402
 from libs.intensity import unit_to_ct  # noqa: E402
 from libs.lowres import expand_cond  # noqa: E402
+from libs.phantom.writer import write_phantom_cohort  # noqa: E402
 
 SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -42,6 +49,33 @@ def roughness_hu(ct_hu: np.ndarray) -> float:
     """Mean |difference| of x-neighbours of a CT clipped to the paper's [−500, 500] HU window."""
     ct = np.clip(ct_hu.astype(np.float64), -500.0, 500.0)
     return float(np.abs(np.diff(ct, axis=0)).mean())
+
+
+def girth_cm2(ct_unit: np.ndarray, voxel_mm: float) -> float:
+    """Mean area per axial slice (cm²) of voxels above −200 HU of a CT in [0, 1] units (x, y, z)."""
+    return float((unit_to_ct(ct_unit) > -200.0).sum(axis=(0, 1)).mean() * voxel_mm**2 / 100.0)
+
+
+def weight_sweep(model, n: int, seed: int, dev: torch.device) -> dict:
+    cfg = model.config
+    records = [Demographics(f"sweep_{k:03d}", 1.75, float(w), "MF"[k % 2], 50.0)
+               for k, w in enumerate(np.linspace(50.0, 100.0, n))]
+    weights = np.array([d.weight_kg for d in records])
+    voxel = cfg.in_plane_mm * cfg.data.factor
+    samples = sample_lowres(model, records, [subject_seed(seed, d.subject_id) for d in records], cfg.sample, dev)
+    generated = np.array([girth_cm2(s[0].cpu().numpy(), voxel) for s in samples])
+    grid = tuple(cfg.data.grid)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_phantom_cohort(tmp, records, seed=seed, spacing_mm=cfg.in_plane_mm, progress=False)
+        cohort = Cohort(tmp)
+        phantom = np.array([girth_cm2(polyphase(normalized_volume(cohort, d, grid), cfg.data.factor,
+                                                (0, 0, 0))[0].float().numpy(), voxel) for d in records])
+    out = {}
+    for name, g in (("generated", generated), ("phantom", phantom)):
+        out[name] = {"pearson_r": float(np.corrcoef(weights, g)[0, 1]),
+                     "slope_cm2_per_kg": float(np.polyfit(weights, g, 1)[0]),
+                     "girth_cm2_at_50kg_100kg": [float(g[0]), float(g[-1])]}
+    return out
 
 
 @click.command()
@@ -53,8 +87,10 @@ def roughness_hu(ct_hu: np.ndarray) -> float:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-ema", is_flag=True, help="Raw weights instead of the EMA.")
+@click.option("--weight-sweep", "sweep", default=0, show_default=True, type=click.IntRange(0, 1000),
+              help="Also the girth-vs-weight check on this many subjects (0: skip).")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the numbers as JSON.")
-def main(lowres, cohort, subjects, steps, seed, device, no_ema, json_out):
+def main(lowres, cohort, subjects, steps, seed, device, no_ema, sweep, json_out):
     dev = pick_device(device)
     model = load_lowres_model(lowres, dev, ema=not no_ema)
     cfg = model.config
@@ -88,6 +124,12 @@ def main(lowres, cohort, subjects, steps, seed, device, no_ema, json_out):
                   roughness_reference_hu=float(np.mean(rough_ref)))
     click.echo(f"  CT roughness (HU, {sample.steps}-step samples): generated {np.mean(rough_gen):.1f}, "
                f"held-out {np.mean(rough_ref):.1f}")
+    if sweep:
+        result["weight_sweep"] = weight_sweep(model, sweep, seed, dev)
+        for name, r in result["weight_sweep"].items():
+            click.echo(f"  girth vs weight ({sweep} subjects, 50–100 kg), {name}: r = {r['pearson_r']:.3f}, "
+                       f"slope {r['slope_cm2_per_kg']:.2f} cm²/kg, {r['girth_cm2_at_50kg_100kg'][0]:.0f} → "
+                       f"{r['girth_cm2_at_50kg_100kg'][1]:.0f} cm²")
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -139,7 +139,8 @@ def test_lowres_quality_bench_on_the_tiny_run(trained, tmp_path):
     out = tmp_path / "q.json"
     run_dir = trained / "checkpoints" / "lowres"
     res = subprocess.run([sys.executable, "bench/lowres_quality.py", "--lowres", str(run_dir),
-                          "--cohort", str(trained / "processed"), "--subjects", "2", "--json-out", str(out)],
+                          "--cohort", str(trained / "processed"), "--subjects", "2", "--weight-sweep", "6",
+                          "--json-out", str(out)],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     q = json.loads(out.read_text())
@@ -151,3 +152,8 @@ def test_lowres_quality_bench_on_the_tiny_run(trained, tmp_path):
     # EDM preconditioning bounds the error at large σ whatever the weights: far below the noise itself
     assert rmse[5.0] < 2.0 and rmse[2.0] < 2.0
     assert 0 < q["roughness_reference_hu"] < 1000 and 0 < q["roughness_generated_hu"] < 1000
+    # phantoms of 50 → 100 kg through the same grid: girth grows with weight (the reference the generated
+    # girth is compared with)
+    ph = q["weight_sweep"]["phantom"]
+    assert ph["pearson_r"] > 0.8 and ph["girth_cm2_at_50kg_100kg"][1] > 1.2 * ph["girth_cm2_at_50kg_100kg"][0]
+    assert set(q["weight_sweep"]["generated"]) == set(ph)
