@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 import subprocess
@@ -344,7 +345,7 @@ def test_phantom_through_dicom_and_every_step_end_to_end(tmp_path):
     demo = Demographics("x", 1.71, 74.5, "M", 63.0)
     ph = make_phantom(demo, seed=5, spacing_mm=8.0)
     study = _phantom_as_dicom(tmp_path / "raw", ph, demo)
-    sid = "sub-" + __import__("hashlib").sha256(study.encode()).hexdigest()[:12]
+    sid = "sub-" + hashlib.sha256(study.encode()).hexdigest()[:12]   # the contract, computed independently
     write_volume(tmp_path / "seg" / f"{sid}.nii.gz", ph.labels, ph.affine, "labels")
     run = subprocess.run(["bash", "run_preprocessing.sh", "--input_dir", str(tmp_path / "raw"), "--output_dir",
                           str(tmp_path / "out"), "--labels_from", str(tmp_path / "seg"), "--spacing_mm", "8",

@@ -17,7 +17,6 @@ the subject folder is the first part.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import pydicom
 from ..demographics import Demographics, DemographicsError
 from ..volumes import read_volume
 from .convert import finish
+from .dicom_io import subject_id_for
 from .errors import PreprocessError, SkipStudy
 from .jobs import JobReport, run_jobs
 from .patient import age_years
@@ -67,8 +67,7 @@ def find_studies(root: str | os.PathLike, salt: str = "") -> list[AutopetStudy]:
     for suv in sorted(root.rglob("SUV.nii.gz")):
         if (suv.parent / "CT.nii.gz").is_file():
             key = suv.parent.relative_to(root).as_posix()
-            sid = "sub-" + hashlib.sha256(f"{salt}{key}".encode()).hexdigest()[:12]
-            found.append(AutopetStudy(key, str(suv.parent), sid))
+            found.append(AutopetStudy(key, str(suv.parent), subject_id_for(key, salt)))
     if not found:
         raise PreprocessError(f"{root}: no study folder with CT.nii.gz and SUV.nii.gz")
     return found

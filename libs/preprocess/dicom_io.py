@@ -51,9 +51,10 @@ class StudyFiles:
         return sum(len(s.files) for s in self.series.values())
 
 
-def subject_id_for(study_uid: str, salt: str = "") -> str:
-    """Derived, non-reversible subject id: ``sub-`` + 12 hex digits of SHA-256(salt + StudyInstanceUID)."""
-    return "sub-" + hashlib.sha256(f"{salt}{study_uid}".encode()).hexdigest()[:12]
+def subject_id_for(study_key: str, salt: str = "") -> str:
+    """Derived, non-reversible subject id: ``sub-`` + 12 hex digits of SHA-256(salt + study key), the key
+    being the StudyInstanceUID (DICOM) or the study folder relative to the release root (AutoPET NIfTI)."""
+    return "sub-" + hashlib.sha256(f"{salt}{study_key}".encode()).hexdigest()[:12]
 
 
 def _header(path: str):
