@@ -17,9 +17,12 @@ from libs.generate import export_stage_safetensors
               help="ckpt-*.pt or a run folder (its newest checkpoint).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE", help="Output .safetensors.")
 @click.option("--raw", is_flag=True, help="Export the raw training weights instead of the EMA.")
-def main(checkpoint, out, raw):
-    """Write the network weights as a plain UNet state_dict in safetensors."""
-    run_guarded(lambda: click.echo(f"wrote {export_stage_safetensors(checkpoint, out, ema=not raw)}"))
+@click.option("--made-by", default="1_Trainings/export_safetensors.py", metavar="TEXT",
+              help="The command that trained and exported these weights (recorded in the metadata).")
+def main(checkpoint, out, raw, made_by):
+    """Write the network weights (either stage) as a plain UNet state_dict in safetensors."""
+    provenance = {"made_by": made_by, "checkpoint": str(checkpoint)}
+    run_guarded(lambda: click.echo(f"wrote {export_stage_safetensors(checkpoint, out, not raw, provenance)}"))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ def _replace(cfg, **values):
 @click.option("--solver", type=click.Choice(["heun", "euler"]),
               help="Sampler of both stages [default: the checkpoints'].")
 @click.option("--churn", type=click.FloatRange(0.0), metavar="S", help="EDM stochastic churn [default: 0].")
+@click.option("--sr-cond-noise", type=click.FloatRange(0.0, 2.0), metavar="S",
+              help="Conditioning-augmentation level added to the generated LR before super-resolution "
+                   "[default: the SR checkpoint's sample.cond_noise].")
 @click.option("--window", type=click.IntRange(8, 4096), nargs=3, metavar="X Y Z",
               help="SR window size [default: the SR checkpoint's, i.e. its training patch].")
 @click.option("--overlap", type=click.FloatRange(0.0, 0.9), metavar="F", help="SR window overlap [default: 0.25].")
@@ -53,8 +56,8 @@ def _replace(cfg, **values):
 @click.option("--no-previews", is_flag=True, help="Do not write previews/<id>.png.")
 @click.option("--overwrite", is_flag=True, help="Regenerate subjects that are already complete.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, window, overlap,
-         window_batch, seed, batch, device, no_ema, no_previews, overwrite, quiet):
+def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, sr_cond_noise, window,
+         overlap, window_batch, seed, batch, device, no_ema, no_previews, overwrite, quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
@@ -68,8 +71,9 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
                 click.echo(line, err=True)
         elif not lowres:
             raise click.UsageError("give --lowres CKPT (and --superres CKPT) or --model_dir DIR")
-        report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, window,
-                               overlap, window_batch, seed, batch, device, not no_ema, not no_previews, overwrite,
+        report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn,
+                               sr_cond_noise, window, overlap, window_batch, seed, batch, device, not no_ema,
+                               not no_previews, overwrite,
                                not quiet)
         click.echo(f"{out}: {len(report.written)} written, {len(report.skipped)} already complete, "
                    f"{len(report.failed)} failed in {report.seconds:.1f} s")
@@ -81,8 +85,8 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
     run_guarded(job)
 
 
-def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, window, overlap,
-                  window_batch, seed, batch, device, ema, previews, overwrite, progress):
+def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, cond_noise, window,
+                  overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress):
     """Resolve sampler settings (checkpoint defaults + options) and run the job."""
     import torch
 
@@ -95,7 +99,7 @@ def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, s
         return generate_lowres_cohort(lowres, demographics, out, seed, s_lr, batch, device, ema, previews, overwrite,
                                       progress)
     sr_cfg = load_sr_model(superres, cpu, ema=False).config
-    s_sr = _replace(sr_cfg.sample, steps=steps_sr, solver=solver, churn=churn)
+    s_sr = _replace(sr_cfg.sample, steps=steps_sr, solver=solver, churn=churn, cond_noise=cond_noise)
     win = _replace(sr_cfg.window, size=list(window) if window else None, overlap=overlap, batch=window_batch)
     return generate_cascade_cohort(lowres, superres, demographics, out, seed, s_lr, s_sr, win, batch, device, ema,
                                    previews, overwrite, progress)

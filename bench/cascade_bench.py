@@ -64,8 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "1_Trainings" / "configs"
 PRESETS = {"demo": ("lowres_demo.yaml", "superres_demo.yaml"), "paper": ("lowres_paper.yaml", "superres_paper.yaml")}
 # Stand-in normalization constants of an SR checkpoint (timing does not depend on them): per-channel mean / SD
-# of the [0, 1] cohort (CT, PET) and the residual's sigma_data; net_sigma comes from the low-res preset.
-CHANNEL_MEAN, CHANNEL_STD, SR_SIGMA_DATA = [0.3, 0.1], [0.25, 0.1], 0.05
+# of the [0, 1] cohort (CT, PET) and the per-channel residual SD; net_sigma comes from the low-res preset.
+CHANNEL_MEAN, CHANNEL_STD, SR_RESIDUAL_STD = [0.3, 0.1], [0.25, 0.1], [0.05, 0.12]
 DEFAULT_STEPS = (100, 32, 12)
 # One paper-preset UNet forward on one 56×56×96 window, fp32, one core of the machine this was written on.
 PAPER_FORWARD_CPU_S = 24.0
@@ -94,7 +94,7 @@ def _lowres_model(size: str, device: torch.device, seed: int) -> Model:
 def _sr_normalization(size: str) -> tuple[SRConfig, Pairing, dict]:
     lr_cfg, sr_cfg = _configs(size)
     pairing = Pairing.of(lr_cfg)
-    return sr_cfg, pairing, sr_normalization(sr_cfg, pairing, CHANNEL_MEAN, CHANNEL_STD, SR_SIGMA_DATA)
+    return sr_cfg, pairing, sr_normalization(sr_cfg, pairing, CHANNEL_MEAN, CHANNEL_STD, SR_RESIDUAL_STD)
 
 
 def _sr_model(size: str, device: torch.device, seed: int) -> SRModel:
@@ -204,7 +204,7 @@ def _sr_cell(spec: dict, device: torch.device):
 def _post_cell(spec: dict, device: torch.device):
     """(warm-up fn, timed fn, 1, 0): to_physical_hr of one full-grid volume (runs on the CPU, as in inference)."""
     cfg, pairing, norm = _sr_normalization(spec["size"])
-    model = SRModel(None, cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), SR_SIGMA_DATA,
+    model = SRModel(None, cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), cfg.diffusion.sigma_data,
                     CONFIGS / PRESETS[spec["size"]][1], "random-init", 0)    # to_physical_hr reads normalization only
     u, demo = _body(pairing.grid), _subjects(1)[0]
     fn = functools.partial(to_physical_hr, u, demo, model)
@@ -220,8 +220,8 @@ def _train_cell(spec: dict, device: torch.device, tmp: str):
     torch.manual_seed(spec["seed"] + 1)
     net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
     optim = dataclasses.replace(cfg.optim, batch=spec["batch"])
-    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, SR_SIGMA_DATA)
-    trainer = Trainer(net, loss, None, optim, cfg.loop, Path(tmp) / "run", to_dict(cfg), norm, SR_SIGMA_DATA,
+    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
+    trainer = Trainer(net, loss, None, optim, cfg.loop, Path(tmp) / "run", to_dict(cfg), norm, cfg.diffusion.sigma_data,
                       device=str(device), progress=False)
     x, cond = x.to(trainer.device), cond.to(trainer.device)
     fn = functools.partial(trainer.train_step, x, cond)
@@ -398,7 +398,7 @@ def _environment(size: str, device: str, threads: int, window_batch: int) -> dic
            "windows_per_eval": n_windows, "window_batch": window_batch,
            "sample_lowres": dataclasses.asdict(lr_cfg.sample), "sample_sr": dataclasses.asdict(sr_cfg.sample),
            "stand_in_normalization": {"channel_mean": CHANNEL_MEAN, "channel_std": CHANNEL_STD,
-                                      "net_sigma": pairing.net_sigma, "sigma_data": SR_SIGMA_DATA},
+                                      "net_sigma": pairing.net_sigma, "residual_std": SR_RESIDUAL_STD},
            "train_loop": {"bf16": sr_cfg.loop.bf16, "channels_last": sr_cfg.loop.channels_last,
                           "compile": sr_cfg.loop.compile}}
     if torch.cuda.is_available():

@@ -29,7 +29,15 @@ from .generate import (
 from .intensity import unit_to_ct, unit_to_suv
 from .lowres import HeightLaw, SampleConfig, Standardize
 from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
-from .superres import COND_CHANNELS, SRConfig, SRSampleConfig, WindowConfig, check_pairing
+from .superres import (
+    AUG_CHANNEL_SCALE,
+    COND_CHANNELS,
+    SRConfig,
+    SRSampleConfig,
+    WindowConfig,
+    check_pairing,
+    residual_scaling,
+)
 from .volumes import centered_affine
 from .windows import position_channels, upsample, windowed_denoise
 
@@ -53,11 +61,17 @@ class SRModel:
     def factor(self) -> int:
         return int(self.normalization["factor"])
 
+    @property
+    def residual(self) -> Standardize:
+        """Standardized residual ↔ network residual (per-channel SD σ_data)."""
+        return residual_scaling(self.normalization)
+
 
 def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> SRModel:
     """Load a super-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint)."""
     path, ckpt, cfg, net = load_stage(path, SRConfig, COND_CHANNELS, device, ema)
     norm = ckpt["normalization"]
+    residual_scaling(norm)                           # refuse checkpoints without per-channel residual scales
     sigma = float(norm["sigma_data"])
     return SRModel(Denoiser(net, sigma), cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,
                    path, sha256_file(path), int(ckpt["step"]))
@@ -71,14 +85,21 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
     Every denoiser evaluation covers the whole grid with overlapping windows, ``window.batch`` at a time.
     """
     grid, f = model.grid, model.factor
-    up = upsample(model.standardize.to_net(lr_u[None].float().to(device)), f)              # (1, 2, X, Y, Z)
+    lr_net = model.standardize.to_net(lr_u[None].float().to(device))
+    up_clean = upsample(lr_net, f)                                                       # (1, 2, X, Y, Z)
+    up = up_clean
+    if sample.cond_noise > 0:                  # conditioning augmentation at a fixed level (its own stream)
+        noise = torch.randn(lr_net.shape[1:], generator=per_sample_generators([seed], stream=2)[0])
+        up = upsample(lr_net + sample.cond_noise * noise[None].to(device), f)
     demo_vec = torch.from_numpy(demo.encode()).to(device)
     size = list(window.size or model.config.data.patch)
+    level = sample.cond_noise / AUG_CHANNEL_SCALE
 
     def cond_fn(start, win):
         sl = tuple(slice(s, s + w) for s, w in zip(start, win))
         const = demo_vec[:, None, None, None].expand(-1, *win)
-        return torch.cat([up[0][(slice(None), *sl)], const, position_channels(start, win, grid, device)])
+        return torch.cat([up[0][(slice(None), *sl)], const, position_channels(start, win, grid, device),
+                          torch.full((1, *win), level, device=device)])
 
     def full_denoiser(x, sigma, _cond):
         return windowed_denoise(model.denoiser, x, sigma, cond_fn, size, window.overlap, window.batch)
@@ -91,7 +112,7 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
     with autocast:
         residual = solver(full_denoiser, x, sigmas, None, churn=sample.churn, generator=gens, progress=progress)
-    return model.standardize.from_net(up + residual.float())[0].clamp(0.0, 1.0)
+    return model.standardize.from_net(up_clean + model.residual.from_net(residual.float()))[0].clamp(0.0, 1.0)
 
 
 class _NullContext:

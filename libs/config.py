@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -54,7 +55,9 @@ class ConfigError(ValueError):
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
                 low_inclusive: bool = True, high_inclusive: bool = True) -> None:
-    """Raise ``ValueError`` unless ``value`` lies in the interval; for use in ``__post_init__``."""
+    """Raise ``ValueError`` unless ``value`` is finite and lies in the interval; for use in ``__post_init__``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:

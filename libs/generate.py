@@ -111,12 +111,17 @@ class _null:
         return False
 
 
+AIR_THRESHOLD_HU = -400.0      # below this, connected to the slice border: air outside the body
+
+
 def restore_background(ct_hu: np.ndarray) -> np.ndarray:
-    """Set air outside the body to −1000 HU: voxels at the clipped floor (≤ −495 HU) connected, within each
-    axial slice, to the slice border.  Air inside the body (lungs, bowel gas) stays at the −500 HU floor of
-    the paper's CT window."""
+    """Set air outside the body to −1000 HU: voxels below −400 HU connected, within each axial slice, to the
+    slice border.  Generated CT lives in the paper's [−500, 500] HU window, so air sits at its −500 HU floor
+    plus the sampler's residual noise; −400 HU (a common air / lung mask threshold) keeps that noise out of
+    the body while no tissue at the body surface (skin, fat ≈ −100 HU) is that dark.  Air inside the body
+    (lungs, bowel gas) is not connected to the border and stays in the window."""
     out = ct_hu.copy()
-    low = ct_hu <= -495
+    low = ct_hu < AIR_THRESHOLD_HU
     for k in range(ct_hu.shape[2]):
         lab, n = ndimage.label(low[:, :, k])
         if n == 0:
@@ -247,23 +252,49 @@ def generate_lowres_cohort(lowres: str | os.PathLike, demographics_csv: str | os
     return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce)
 
 
-def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True) -> Path:
+def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True,
+                             provenance: dict | None = None) -> Path:
     """Export a stage's network weights (the first EMA by default) as a plain UNet state_dict in
-    safetensors, with the resolved config, normalization constants, step and source sha256 as JSON
-    metadata — loadable with ``safetensors.torch.load_file`` and ``UNet.load_state_dict``."""
+    safetensors, with the stage, resolved config, normalization constants, step, source sha256 and
+    ``provenance`` (e.g. the command that trained it) as JSON metadata — loadable with
+    ``safetensors.torch.load_file`` and ``UNet.load_state_dict``, and as a fine-tune start (``loop.init_from``)."""
     import safetensors.torch
 
     from .files import atomic_path
-    model = load_lowres_model(ckpt, torch.device("cpu"), ema=ema)
-    raw = load_checkpoint(model.path)
-    meta = {"format": "totalgen-unet", "weights": "ema" if ema else "model", "step": model.step,
-            "ema_sigma_rel": model.config.loop.ema_sigma_rels[0] if ema else None,
+    from .superres import COND_CHANNELS, SRConfig
+    path = resolve_checkpoint(ckpt)
+    raw = load_checkpoint(path)
+    stage = "superres" if "lowres_config" in raw["config"] else "lowres"
+    cls, cond = (SRConfig, COND_CHANNELS) if stage == "superres" else (LowresConfig, 4)
+    _, _, cfg, net = load_stage(path, cls, cond, torch.device("cpu"), ema)
+    meta = {"format": "totalgen-unet", "stage": stage, "weights": "ema" if ema else "model",
+            "step": int(raw["step"]), "ema_sigma_rel": cfg.loop.ema_sigma_rels[0] if ema else None,
             "config": raw["config"], "normalization": raw["normalization"], "versions": raw["versions"],
-            "source_checkpoint": model.path.name, "source_sha256": model.sha256}
-    tensors = {k: v.contiguous() for k, v in model.denoiser.net.state_dict().items()}
+            "source_checkpoint": path.name, "source_sha256": sha256_file(path), "provenance": provenance or {}}
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
     with atomic_path(out) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     return Path(out)
+
+
+def load_init_weights(path: str | os.PathLike, stage: str, net: torch.nn.Module) -> dict:
+    """Load an exported stage (:func:`export_stage_safetensors`) into ``net``; returns its normalization record.
+
+    Refuses a file of the other stage or of another architecture with one line naming the file."""
+    from .checkpoint import CheckpointError, load_safetensors_weights
+    from .superres import REPO_ROOT
+    path = Path(path)
+    if not path.is_file() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
+    tensors, meta = load_safetensors_weights(path)
+    if meta.get("stage") != stage:
+        raise CheckpointError(f"{path}: holds {meta.get('stage')!r} weights, this is the {stage} stage")
+    try:
+        net.load_state_dict(tensors)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise CheckpointError(f"{path}: does not fit this stage's network ({first[0].strip()})") from None
+    return meta["normalization"]
 
 
 def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | None, list[str]]:

@@ -18,7 +18,7 @@ from .data import CohortVolumes, PolyphaseSamples, batch_indices
 from .diffusion import EDM2Loss
 from .intensity import CT_MAX_HU, CT_MIN_HU, SUV_MAX
 from .nn import UNet, count_parameters
-from .training import LoopConfig, OptimConfig, Trainer
+from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
 
 
 @dataclass
@@ -87,6 +87,11 @@ class HeightLaw:
     a: float = 146.629
     b: float = 110.419
     slice_mm: float = 2.0
+
+    def __post_init__(self):
+        check_range("a", self.a)
+        check_range("b", self.b)
+        check_range("slice_mm", self.slice_mm, low=0.0, low_inclusive=False)
 
     def length_mm(self, height_m: float) -> float:
         return (self.a * height_m + self.b) * self.slice_mm
@@ -176,6 +181,12 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
     net.check_input(torch.zeros(1, 2, *shape), torch.zeros(1), torch.zeros(1, 4, *shape))
     seed = cfg.loop.seed
     mean, std = channel_stats(volumes)
+    if cfg.loop.init_from and not has_checkpoint(cfg.run_dir):
+        from .generate import load_init_weights
+        init = load_init_weights(cfg.loop.init_from, "lowres", net)
+        mean, std = init["channel_mean"], init["channel_std"]      # keep the constants the weights know
+        if progress:
+            print(f"low-res: starting from {cfg.loop.init_from} (its normalization constants)")
     standardize = Standardize(mean, std, cfg.diffusion.sigma_data)
 
     def batch(step: int, rank: int, world: int):

@@ -3,9 +3,20 @@
 With HR the standardized training volume (paper: 224 × 224 × 384 at 2 mm), LR = the same 4× polyphase
 subsample the low-resolution stage trains on (a random one of the 64 offsets) and up() trilinear ×4
 upsampling, the network denoises the residual r = HR − up(LR) on random patches (paper: 56 × 56 × 96),
-conditioned on up(LR) (2 channels), the four demographic channels and the patch's position (3 channels:
-voxel index / full size, in [0, 1)).  σ_data of the residual is measured on the training data and stored
-with the checkpoint; sampling starts at σ_max = ``sample.sigma_max_ratio`` · σ_data instead of 80.
+conditioned on up(LR) (2 channels), the four demographic channels, the patch's position (3 channels:
+voxel index / full size, in [0, 1)) and the conditioning-augmentation level (1 channel).
+
+Residual scaling: CT and PET residuals differ several-fold in size and are far smaller than the
+standardized volumes (SD ≈ 0.1 against 0.5).  Each channel's residual SD is measured on the training
+patches, stored with the checkpoint (``residual_std``) and divided out, so the network sees a residual of
+SD σ_data = 0.5 per channel — the data every EDM/EDM2 constant was tuned for (P_mean −0.4, P_std 1.0,
+σ_max 80, σ_min 0.002).  Shifting P_mean by ln(σ_data / 0.5) instead would fix the training noise levels
+but leave the two channels on one σ; one scale per channel fixes both.
+
+Conditioning augmentation (cascaded diffusion, Ho et al. 2022, §3 / §4.2): in training, Gaussian noise of
+a level s ~ U(0, ``augment.max_level``) (network units of the LR, SD 0.5) is added to the LR before it is
+upsampled, and s / 0.5 is given to the network as a constant channel; the target stays HR − up(clean LR).
+At inference the generated LR gets a small fixed level (``sample.cond_noise``), recorded in meta.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, check_range, load_config, to_dict
-from .data import CohortVolumes, offset_of, polyphase
+from .data import CohortVolumes, offset_of
 from .diffusion import EDM2Loss
 from .lowres import (
     HeightLaw,
@@ -31,10 +42,11 @@ from .lowres import (
     normalization,
 )
 from .nn import count_parameters
-from .training import LoopConfig, OptimConfig, Trainer
-from .windows import position_channels, upsample_crop
+from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
+from .windows import lr_region, position_channels, upsample
 
-COND_CHANNELS = 2 + 4 + 3     # up(LR), demographics, position
+COND_CHANNELS = 2 + 4 + 3 + 1     # up(LR), demographics, position, augmentation level
+AUG_CHANNEL_SCALE = 0.5          # the level channel holds s / 0.5 (s in network units of the LR)
 
 
 @dataclass
@@ -51,10 +63,32 @@ class SRDataConfig:
 
 @dataclass
 class SRDiffusionConfig:
+    """EDM2 constants of the scaled residual (SD ``sigma_data`` per channel, see the module docstring)."""
+
     P_mean: float = -0.4
     P_std: float = 1.0
-    sigma_data: float | None = None        # None: measured on the training residuals (recommended)
+    sigma_data: float = 0.5                # the SD each channel's residual is scaled to
+    residual_std: list[float] | None = None    # per-channel residual SD (CT, PET); None: measured (recommended)
     sigma_data_samples: int = 256          # random (subject, offset, patch) draws used for the measurement
+
+    def __post_init__(self):
+        check_range("sigma_data", self.sigma_data, low=0.0, low_inclusive=False)
+        if self.residual_std is not None and (len(self.residual_std) != 2 or min(self.residual_std) <= 0):
+            raise ValueError(f"residual_std must be two positive numbers (CT, PET), got {self.residual_std}")
+        check_range("sigma_data_samples", self.sigma_data_samples, low=1)
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time Gaussian noise on the LR conditioning: level s ~ U(0, max_level) with probability
+    ``probability`` (else s = 0), in network units of the LR (its SD is 0.5)."""
+
+    max_level: float = 0.2
+    probability: float = 0.5
+
+    def __post_init__(self):
+        check_range("max_level", self.max_level, low=0.0)
+        check_range("probability", self.probability, low=0.0, high=1.0)
 
 
 @dataclass
@@ -62,6 +96,11 @@ class SRSampleConfig(SamplerSettings):
     """Super-resolution sampler: σ_max follows the residual's σ_data."""
 
     sigma_max_ratio: float = 160.0         # σ_max = ratio · σ_data (EDM: 80 / 0.5)
+    cond_noise: float = 0.0                # augmentation level added to the generated LR (network units)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("cond_noise", self.cond_noise, low=0.0)
 
 
 @dataclass
@@ -84,6 +123,7 @@ class SRConfig:
     data: SRDataConfig = field(default_factory=SRDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: SRDiffusionConfig = field(default_factory=SRDiffusionConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     sample: SRSampleConfig = field(default_factory=SRSampleConfig)
@@ -128,9 +168,10 @@ def load_pairing(cfg: SRConfig) -> Pairing:
 
 
 def check_pairing(lowres_norm: dict, sr_norm: dict) -> None:
-    """Refuse a low-res / SR checkpoint pair that disagrees on grid, factor, intensities or demographics."""
+    """Refuse a low-res / SR checkpoint pair that disagrees on grid, factor, intensities, demographics or the
+    height law."""
     keys = ("grid", "factor", "in_plane_mm", "ct_range_hu", "suv_max", "pet_map", "demographics", "channel_mean",
-            "channel_std")
+            "channel_std", "height_law")
     bad = [k for k in keys if not _same(lowres_norm.get(k), sr_norm.get(k))]
     if bad:
         raise ConfigError(f"the super-resolution checkpoint was trained for another low-res stage: {', '.join(bad)} "
@@ -145,51 +186,86 @@ def _same(a, b) -> bool:
 
 
 class ResidualPatches:
-    """Training patches of the residual task.  ``draw(rng)`` → residual (2, *patch), cond (9, *patch)."""
+    """Training patches of the residual task.
+
+    ``draw(rng)`` → residual (2, *patch) = HR − up(LR) in the standardized units of the low-res stage
+    (unscaled), cond (10, *patch).  Only the patch and the LR region it reads are cut from the stored
+    [0, 1] float16 volume and standardized — never the whole grid.  With ``aug_rng`` and ``aug_level`` > 0
+    the LR region gets Gaussian noise of that level before upsampling (the target keeps the clean LR).
+    """
 
     def __init__(self, volumes: CohortVolumes, pairing: Pairing, patch, standardize: Standardize):
         self.volumes, self.pairing, self.patch, self.std = volumes, pairing, tuple(patch), standardize
         self.lr_shape = tuple(g // pairing.factor for g in pairing.grid)
 
-    def draw(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, rng: np.random.Generator, aug_level: float = 0.0,
+             aug_rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         f, grid = self.pairing.factor, self.pairing.grid
         i = int(rng.integers(len(self.volumes)))
-        hr = self.std.to_net(self.volumes.volumes[i][None].float())                  # (1, 2, X, Y, Z)
-        lr = polyphase(hr, f, offset_of(int(rng.integers(f**3)), f))
+        offset = offset_of(int(rng.integers(f**3)), f)
         start = [int(rng.integers(g - p + 1)) for g, p in zip(grid, self.patch)]
-        up = upsample_crop(lr, f, start, self.patch)[0]
+        vol = self.volumes.volumes[i]                                                  # (2, X, Y, Z) [0, 1]
+        lr_sl, hr_sl = lr_region(start, self.patch, f, self.lr_shape)
+        lr_idx = tuple(slice(o + s.start * f, o + (s.stop - 1) * f + 1, f) for o, s in zip(offset, lr_sl))
+        lr_clean = self.std.to_net(vol[(slice(None), *lr_idx)][None].float())         # (1, 2, region)
+        up_clean = upsample(lr_clean, f)[(0, slice(None), *hr_sl)]
+        up = up_clean
+        if aug_level > 0:
+            noise = torch.from_numpy(aug_rng.standard_normal(lr_clean.shape, dtype=np.float32))
+            up = upsample(lr_clean + aug_level * noise, f)[(0, slice(None), *hr_sl)]
         sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
-        residual = hr[0][(slice(None), *sl)] - up
+        residual = self.std.to_net(vol[(slice(None), *sl)][None].float())[0] - up_clean
         demo = expand_cond(self.volumes.cond[i:i + 1], self.patch)[0]
-        cond = torch.cat([up, demo, position_channels(start, self.patch, grid)])
+        level = torch.full((1, *self.patch), aug_level / AUG_CHANNEL_SCALE)
+        cond = torch.cat([up, demo, position_channels(start, self.patch, grid), level])
         return residual, cond
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.draw(rng) for _ in range(n)]
+    def batch(self, rng: np.random.Generator, n: int, augment: AugmentConfig | None = None,
+              aug_rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n draws; with ``augment``, each draw's level comes from ``aug_rng`` (U(0, max) w.p. probability)."""
+        pairs = []
+        for _ in range(n):
+            level = 0.0
+            if augment is not None and augment.max_level > 0 and aug_rng.random() < augment.probability:
+                level = float(aug_rng.uniform(0.0, augment.max_level))
+            pairs.append(self.draw(rng, level, aug_rng))
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def measure_sigma_data(patches: ResidualPatches, draws: int, seed: int) -> float:
-    """SD of the residual r = HR − up(LR) over ``draws`` random patches (deterministic for a seed)."""
+def measure_residual_std(patches: ResidualPatches, draws: int, seed: int) -> list[float]:
+    """Per-channel SD (CT, PET) of the residual r = HR − up(LR) over ``draws`` random patches (deterministic
+    for a seed)."""
     rng = np.random.default_rng([seed, 424242])
-    total = square = count = 0.0
+    total = torch.zeros(2, dtype=torch.float64)
+    square = torch.zeros(2, dtype=torch.float64)
+    count = 0
     for _ in range(draws):
         r, _ = patches.draw(rng)
-        r = r.double()
-        total += float(r.sum())
-        square += float((r * r).sum())
-        count += r.numel()
+        r = r.double().flatten(1)
+        total += r.sum(1)
+        square += (r * r).sum(1)
+        count += r.shape[1]
     mean = total / count
-    return float(np.sqrt(max(square / count - mean * mean, 1e-12)))
+    return (square / count - mean * mean).clamp_min(1e-12).sqrt().tolist()
 
 
-def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, sigma_data: float) -> dict:
+def residual_scaling(norm: dict) -> Standardize:
+    """Standardized residual ↔ network residual (SD σ_data per channel), from a checkpoint's normalization."""
+    if "residual_std" not in norm:
+        raise ConfigError("this super-resolution checkpoint has no per-channel residual_std (it was trained by an "
+                          "older TotalGen with one σ_data for both channels); retrain the super-resolution stage")
+    return Standardize([0.0, 0.0], norm["residual_std"], float(norm["sigma_data"]))
+
+
+def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, residual_std) -> dict:
     lowres_like = LowresConfig(in_plane_mm=pairing.in_plane_mm, height_law=pairing.height_law)
     lowres_like.data.grid, lowres_like.data.factor = list(pairing.grid), pairing.factor
     lowres_like.diffusion.sigma_data = pairing.net_sigma
-    return {**normalization(lowres_like, mean, std), "net_sigma": pairing.net_sigma, "sigma_data": sigma_data,
+    return {**normalization(lowres_like, mean, std), "net_sigma": pairing.net_sigma,
+            "sigma_data": cfg.diffusion.sigma_data, "residual_std": [float(v) for v in residual_std],
             "patch": list(cfg.data.patch),
-            "cond": ["up(lr) ct", "up(lr) pet", "demographics x4", "position x/X", "position y/Y", "position z/Z"]}
+            "cond": ["up(lr) ct", "up(lr) pet", "demographics x4", "position x/X", "position y/Y", "position z/Z",
+                     f"augmentation level / {AUG_CHANNEL_SCALE}"]}
 
 
 def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -> Path | None:
@@ -197,26 +273,36 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
     pairing = load_pairing(cfg)
     volumes = CohortVolumes(cfg.data.cohort, pairing.grid, cfg.data.cache_dir, cfg.data.load_workers, progress)
     mean, std = channel_stats(volumes)
+    torch.manual_seed(cfg.loop.seed)
+    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
+    residual_std = cfg.diffusion.residual_std
+    if cfg.loop.init_from and not has_checkpoint(cfg.run_dir):
+        from .generate import load_init_weights
+        init = load_init_weights(cfg.loop.init_from, "superres", net)
+        mean, std, residual_std = init["channel_mean"], init["channel_std"], init["residual_std"]
+        if progress:
+            print(f"super-res: starting from {cfg.loop.init_from} (its normalization constants)")
     # the SR stage sees intensities standardized exactly like its low-res stage (same cohort statistics)
     standardize = Standardize(mean, std, pairing.net_sigma)
     patches = ResidualPatches(volumes, pairing, cfg.data.patch, standardize)
-    sigma_data = cfg.diffusion.sigma_data or measure_sigma_data(patches, cfg.diffusion.sigma_data_samples,
-                                                                cfg.loop.seed)
-    torch.manual_seed(cfg.loop.seed)
-    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
+    residual_std = residual_std or measure_residual_std(patches, cfg.diffusion.sigma_data_samples, cfg.loop.seed)
+    norm = sr_normalization(cfg, pairing, mean, std, residual_std)
+    scale = residual_scaling(norm)
     net.check_input(torch.zeros(1, 2, *cfg.data.patch), torch.zeros(1), torch.zeros(1, COND_CHANNELS, *cfg.data.patch))
 
     def batch(step: int, rank: int, world: int):
         rng = np.random.default_rng([cfg.loop.seed, step, rank, 7])
-        return patches.batch(rng, cfg.optim.batch // world)
+        aug_rng = np.random.default_rng([cfg.loop.seed, step, rank, 8])
+        residual, cond = patches.batch(rng, cfg.optim.batch // world, cfg.augment, aug_rng)
+        return scale.to_net(residual), cond
 
-    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, sigma_data)
-    trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg),
-                      sr_normalization(cfg, pairing, mean, std, sigma_data), sigma_data, device=device,
-                      progress=progress)
+    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
+    trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm, cfg.diffusion.sigma_data,
+                      device=device, progress=progress)
     if progress and trainer.dist.main:
         print(f"super-res model: {count_parameters(net) / 1e6:.1f} M parameters, patches {tuple(cfg.data.patch)} of "
-              f"{pairing.grid}, residual sigma_data {sigma_data:.4f}")
+              f"{pairing.grid}, residual SD CT {residual_std[0]:.4f} / PET {residual_std[1]:.4f} "
+              f"(scaled to {cfg.diffusion.sigma_data})")
     return trainer.run()
 
 

@@ -74,6 +74,8 @@ class LoopConfig:
     channels_last: bool = True     # channels-last 3-D memory format on CUDA
     compile: bool = False          # torch.compile the network
     loader_workers: int = 2        # background processes assembling batches (0 = in the loop)
+    init_from: str | None = None   # a stage's exported .safetensors: start weights (and its normalization
+                                   # constants) for a fine-tune, used only while the run folder is empty
 
     def __post_init__(self):
         for name in ("steps", "report_every", "checkpoint_every", "keep_checkpoints"):
@@ -109,6 +111,11 @@ def pick_device(requested: str, d: Dist) -> torch.device:
             raise RuntimeError("--device cuda requested but no CUDA device is available")
         return torch.device("cuda", d.local_rank if requested == "cuda" else torch.device(requested).index)
     return torch.device(requested)
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds a valid checkpoint a run would resume from."""
+    return Path(run_dir).is_dir() and latest_checkpoint(run_dir) is not None
 
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:

@@ -55,21 +55,27 @@ def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(lr, scale_factor=factor, mode="trilinear", align_corners=False)
 
 
-def upsample_crop(lr: torch.Tensor, factor: int, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    """``upsample(lr, factor)[..., start:start+size]`` computed from a small LR region — exactly equal.
+def lr_region(start: Sequence[int], size: Sequence[int], factor: int,
+              lr_shape: Sequence[int]) -> tuple[list[slice], list[slice]]:
+    """The LR slices that ``upsample(lr, factor)[..., start:start+size]`` reads, and the patch's slices within
+    the upsampled region.
 
     With align_corners=False, HR index h reads LR coordinate (h + 0.5)/f − 0.5, i.e. its two nearest LR
     voxels; a region with one LR voxel of margin (or the true volume edge, where both clamp alike) gives
     identical values after shifting the indices by the region's origin.
     """
     lr_sl, hr_sl = [], []
-    for axis, (s, n) in enumerate(zip(start, size)):
-        lo = max(s // factor - 1, 0)
-        hi = min((s + n - 1) // factor + 2, lr.shape[2 + axis])
+    for s, n, full in zip(start, size, lr_shape):
+        lo, hi = max(s // factor - 1, 0), min((s + n - 1) // factor + 2, full)
         lr_sl.append(slice(lo, hi))
         hr_sl.append(slice(s - lo * factor, s - lo * factor + n))
-    region = lr[:, :, lr_sl[0], lr_sl[1], lr_sl[2]]
-    return upsample(region, factor)[:, :, hr_sl[0], hr_sl[1], hr_sl[2]]
+    return lr_sl, hr_sl
+
+
+def upsample_crop(lr: torch.Tensor, factor: int, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """``upsample(lr, factor)[..., start:start+size]`` computed from a small LR region — exactly equal."""
+    lr_sl, hr_sl = lr_region(start, size, factor, lr.shape[2:])
+    return upsample(lr[(slice(None), slice(None), *lr_sl)], factor)[(slice(None), slice(None), *hr_sl)]
 
 
 def window_grid(full: Sequence[int], window: Sequence[int], overlap: float) -> tuple[list, list, list]:

@@ -137,6 +137,15 @@ def test_check_range_message_states_both_bounds():
     check_range("p", 0.0, low=0, high=1, high_inclusive=False)
 
 
+@pytest.mark.parametrize("key, value", [("optim.lr_ref", ".nan"), ("height_law.a", ".nan"),
+                                        ("height_law.b", ".inf"), ("height_law.slice_mm", "0")])
+def test_non_finite_and_zero_values_are_refused_by_the_presets(key, value):
+    from libs.lowres import LowresConfig
+    cfg = load_config(Path(__file__).resolve().parents[1] / "1_Trainings/configs/lowres_demo.yaml", LowresConfig)
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        override(cfg, [f"{key}={value}"])
+
+
 def test_file_errors_name_the_file(tmp_path):
     assert error_of(tmp_path / "nope.yaml").endswith("nope.yaml: config file not found")
     bad = tmp_path / "bad.yaml"

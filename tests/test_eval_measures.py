@@ -128,3 +128,44 @@ def test_body_measures_with_anisotropic_spacing():
     assert m["sat_volume_ml"] == pytest.approx(rim * vml), "only fat connected to the skin line is subcutaneous"
     assert m["lung_volume_ml"] == pytest.approx(8 * 8 * 6 * vml)
     assert m["suv_mean"] == 1.0 and m["suv_p99"] == 1.0
+
+
+def test_ct_roughness_counts_in_plane_neighbours_inside_the_body_only():
+    from libs.evaluation.body import ct_roughness_hu
+    ct = torso()
+    body = body_mask(ct)
+    flat = np.where(body, 40, -1000).astype(np.int16)
+    assert ct_roughness_hu(flat, body) == 0.0, "the body edge against air must not count"
+    checker = flat.copy()
+    idx = np.indices(ct.shape).sum(axis=0) % 2 == 0
+    checker[body & idx] = 140                      # ±100 HU checkerboard inside the body
+    checker[body & ~idx] = -60
+    assert ct_roughness_hu(checker, body) == pytest.approx(200.0)
+    clipped = np.where(body, np.where(idx, 900, -900), -1000).astype(np.int16)
+    assert ct_roughness_hu(clipped, body) == pytest.approx(1000.0), "CT is clipped to [−500, 500] HU first"
+    m = body_measures(checker, np.ones(ct.shape, np.float32), np.eye(4))
+    assert m["ct_roughness_hu"] == pytest.approx(200.0)
+
+
+def test_lung_volume_tolerates_noise_at_the_window_floor():
+    """Generated lungs sit at the −500 HU floor of the CT window plus sampler noise."""
+    ct = torso().astype(np.float32)
+    noise = np.random.default_rng(0).normal(0, 20, ct.shape)
+    lung = ct == -850
+    ct[lung] = np.maximum(-500 + noise[lung], -500)
+    m = body_measures(ct, np.ones(ct.shape, np.float32), np.eye(4))
+    assert m["lung_volume_ml"] == pytest.approx(8 * 8 * 6 / 1000.0)
+
+
+def test_generated_background_noise_becomes_air_but_lungs_stay():
+    from libs.generate import restore_background
+    ct = torso().astype(np.float32)
+    rng = np.random.default_rng(1)
+    outside = ct == -1000
+    ct[outside] = np.maximum(-500 + rng.normal(0, 30, ct.shape)[outside], -500)   # the window floor + noise
+    lung = torso() == -850
+    ct[lung] = -500
+    out = restore_background(ct)
+    assert np.mean(out[outside] == -1000) > 0.99, "air at the window floor plus noise must become background"
+    assert np.all(out[lung] == -500), "enclosed air (lungs) stays in the window"
+    assert abs(int(body_mask(out).sum()) - 32 * 22 * 10) <= 0.005 * 32 * 22 * 10, "specks touching the skin only"

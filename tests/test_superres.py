@@ -125,7 +125,8 @@ def test_residual_and_its_inverse_reproduce_hr(setup):
         matches = [std.to_net(v[None].float())[0][:, start[0]:start[0] + 16, start[1]:start[1] + 16,
                                                   start[2]:start[2] + 32] for v in vols.volumes]
         assert any(torch.allclose(hr, m, atol=1e-6) for m in matches), "up(LR) + residual must equal HR"
-        assert cond.shape == (9, 16, 16, 32)
+        assert cond.shape == (10, 16, 16, 32)
+        assert float(cond[9].abs().max()) == 0.0, "no augmentation level unless asked for"
 
 
 def test_restored_length_follows_height():
@@ -142,6 +143,9 @@ def test_pairing_mismatch_is_refused(setup, tmp_path):
     check_pairing(norm, dict(norm))
     with pytest.raises(ConfigError, match="grid"):
         check_pairing(norm, {**norm, "grid": [64, 64, 64]})
+    laws = {**norm, "height_law": [146.629, 110.419, 2.0]}
+    with pytest.raises(ConfigError, match="height_law"):
+        check_pairing(laws, {**laws, "height_law": [150.0, 110.419, 2.0]})
     raw = yaml.safe_load((setup / "sr.yaml").read_text())
     raw["data"]["patch"] = [64, 64, 64]
     bad = tmp_path / "bad.yaml"
@@ -160,7 +164,9 @@ def test_sr_loss_falls_on_phantom_patches(setup, tmp_path):
     first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-2:]])
     assert last < first - 0.3, f"SR loss should fall: {first:.3f} → {last:.3f}"
     ckpt = torch.load(tmp_path / "run" / "ckpt-000000060.pt", weights_only=True)
-    assert 0 < ckpt["normalization"]["sigma_data"] < 0.5, "the measured residual σ_data is stored"
+    norm = ckpt["normalization"]
+    assert norm["sigma_data"] == 0.5 and len(norm["residual_std"]) == 2, "per-channel residual SDs are stored"
+    assert all(0 < v < 0.5 for v in norm["residual_std"]), norm["residual_std"]
 
 
 def _run(script, *args):
@@ -189,8 +195,103 @@ def test_cascade_cli_end_to_end_resume_and_bad_row(setup, tmp_path):
             (146.629 * h + 110.419) * 2 / nz)
         meta = json.loads(cohort.path("meta", sid).read_text())
         assert {"lowres", "superres"} <= set(meta["checkpoints"]) and meta["seed_superres"] != meta["seed"]
+        assert meta["sampler_superres"]["cond_noise"] == 0.0, "the inference augmentation level is recorded"
     ct_c = cohort.path("ct", "c")
     ct_c.write_bytes(ct_c.read_bytes()[:100])
     again = _run("2_Tests/infer.py", *args)
     assert "1 written, 2 already complete" in again.stdout, again.stdout
     assert read_volume(ct_c, "ct").shape[0] == 32
+
+
+def _patches(setup):
+    from libs.data import CohortVolumes
+    from libs.lowres import channel_stats
+    cfg = load_config(setup / "sr.yaml", SRConfig)
+    pairing = load_pairing(cfg)
+    vols = CohortVolumes(cfg.data.cohort, pairing.grid, progress=False)
+    return cfg, pairing, vols, ResidualPatches(vols, pairing, cfg.data.patch, Standardize(*channel_stats(vols), 0.5))
+
+
+def _old_draw(patches, rng):
+    """The patch sampler before the speed fix: standardize the whole volume, then cut (reference only)."""
+    from libs.data import offset_of, polyphase
+    from libs.lowres import expand_cond
+    f, grid = patches.pairing.factor, patches.pairing.grid
+    i = int(rng.integers(len(patches.volumes)))
+    hr = patches.std.to_net(patches.volumes.volumes[i][None].float())
+    lr = polyphase(hr, f, offset_of(int(rng.integers(f**3)), f))
+    start = [int(rng.integers(g - p + 1)) for g, p in zip(grid, patches.patch)]
+    up = upsample_crop(lr, f, start, patches.patch)[0]
+    sl = tuple(slice(s, s + p) for s, p in zip(start, patches.patch))
+    demo = expand_cond(patches.volumes.cond[i:i + 1], patches.patch)[0]
+    return hr[0][(slice(None), *sl)] - up, torch.cat([up, demo, position_channels(start, patches.patch, grid)])
+
+
+def test_patch_sampler_returns_the_patches_of_the_whole_volume_formula(setup):
+    _, _, _, patches = _patches(setup)
+    new_rng, old_rng = np.random.default_rng(11), np.random.default_rng(11)
+    for _ in range(12):
+        residual, cond = patches.draw(new_rng)
+        ref_residual, ref_cond = _old_draw(patches, old_rng)
+        assert torch.equal(residual, ref_residual), "residual differs from the whole-volume formula"
+        assert torch.equal(cond[:9], ref_cond), "conditioning differs from the whole-volume formula"
+
+
+def test_residual_scaling_round_trips_exactly_and_gives_sd_sigma_data(setup):
+    from libs.superres import measure_residual_std, residual_scaling
+    _, _, _, patches = _patches(setup)
+    residual_std = measure_residual_std(patches, 64, seed=0)
+    scale = residual_scaling({"residual_std": residual_std, "sigma_data": 0.5})
+    r, _ = patches.batch(np.random.default_rng(3), 32)
+    x = scale.to_net(r)
+    sd = x.transpose(0, 1).flatten(1).std(dim=1)
+    torch.testing.assert_close(sd, torch.full((2,), 0.5), atol=0.08, rtol=0)
+    torch.testing.assert_close(scale.from_net(x), r, atol=1e-7, rtol=1e-6)
+    two = residual_scaling({"residual_std": [0.1, 0.4], "sigma_data": 0.5})
+    unit = torch.ones(1, 2, 2, 2, 2)
+    torch.testing.assert_close(two.to_net(unit)[0, :, 0, 0, 0], torch.tensor([5.0, 1.25]))
+    assert torch.equal(two.from_net(two.to_net(unit)), unit)
+    with pytest.raises(ConfigError, match="residual_std"):
+        residual_scaling({"sigma_data": 0.05})
+
+
+def test_training_sigmas_follow_the_scaled_residual(setup):
+    """The network target has SD σ_data = 0.5 per channel, so ln σ ~ N(−0.4, 1) puts Φ((ln 0.5 + 0.4) / 1)
+    ≈ 38 % of the draws below σ_data — not the few per cent of an unscaled residual of SD ≈ 0.1."""
+    from scipy import stats
+
+    from libs.diffusion import EDM2Loss
+    from libs.superres import measure_residual_std, residual_scaling
+    cfg, _, _, patches = _patches(setup)
+    residual_std = measure_residual_std(patches, 64, seed=0)
+    target = residual_scaling({"residual_std": residual_std, "sigma_data": 0.5}).to_net(
+        patches.batch(np.random.default_rng(5), 32)[0])
+    data_sd = target.transpose(0, 1).flatten(1).std(dim=1)
+    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
+    _, sigma = loss.noisy(torch.zeros(20000, 1), torch.Generator().manual_seed(0))
+    q = np.quantile(np.log(sigma.numpy()), [0.1, 0.5, 0.9])
+    np.testing.assert_allclose(q, stats.norm.ppf([0.1, 0.5, 0.9], -0.4, 1.0), atol=0.04)
+    for c in range(2):
+        below = float((sigma < data_sd[c]).float().mean())
+        expected = stats.norm.cdf((np.log(float(data_sd[c])) + 0.4) / 1.0)
+        assert abs(below - expected) < 0.02 and 0.3 < below < 0.46, f"channel {c}: {below:.3f} of σ below σ_data"
+
+
+def test_conditioning_augmentation_only_in_training_at_its_level(setup):
+    from libs.superres import AugmentConfig
+    _, pairing, _, patches = _patches(setup)
+    aug = AugmentConfig(max_level=0.3, probability=1.0)
+    clean_r, clean_c = patches.batch(np.random.default_rng(2), 6)
+    r, c = patches.batch(np.random.default_rng(2), 6, aug, np.random.default_rng(9))
+    assert torch.equal(r, clean_r), "the target keeps the clean LR"
+    assert torch.equal(c[:, 2:9], clean_c[:, 2:9]), "demographics and positions are untouched"
+    levels = c[:, 9].flatten(1)
+    assert torch.equal(levels.min(1).values, levels.max(1).values), "the level channel is constant per patch"
+    levels = levels[:, 0] * 0.5
+    assert float(levels.min()) > 0 and float(levels.max()) <= 0.3
+    for k in range(6):      # the LR noise of level s, upsampled: its RMS is below s and well above 0
+        rms = float((c[k, :2] - clean_c[k, :2]).pow(2).mean().sqrt())
+        assert 0.2 * float(levels[k]) < rms < float(levels[k]), (rms, float(levels[k]))
+    off = AugmentConfig(max_level=0.0)
+    r0, c0 = patches.batch(np.random.default_rng(2), 6, off, np.random.default_rng(9))
+    assert torch.equal(c0, clean_c) and torch.equal(r0, clean_r)

@@ -10,9 +10,13 @@ Definitions (spacing always from the affine, so anisotropic generated grids are 
 * **subcutaneous fat** — fat voxels 4-connected within their axial slice to fat in the outer shell of
   the body (within max(6 mm, 2 voxels) of the skin line): an approximation without a muscle-wall
   segmentation; the rest of the fat is visceral / intermuscular;
-* **lung volume** — body voxels at or below −490 HU (lungs plus the little bowel gas a phantom or patient
-  has); −490 rather than −500 because generated CT is clipped to the paper's [−500, 500] HU window, so
-  synthetic lungs sit exactly at −500 HU;
+* **lung volume** — body voxels below −400 HU (lungs plus the little bowel gas a phantom or patient has;
+  −400 HU is a common lung-mask threshold).  Generated CT is clipped to the paper's [−500, 500] HU window,
+  so synthetic lungs sit at its −500 HU floor plus the sampler's residual noise: a threshold at the floor
+  would count only the voxels whose noise happens to be negative;
+* **CT roughness** — mean |difference| of in-plane (x and y) neighbouring voxels that both lie in the
+  body, with CT clipped to the paper's [−500, 500] HU window: the texture / noise level a generator must
+  match (in-plane only, because generated volumes are resampled along z to their body length);
 * **SUV** — mean, SD and the 50th / 90th / 99th percentiles of SUV (clipped to [0, 25]) in the body.
 """
 
@@ -27,10 +31,10 @@ from .measures import SUV_CLIP, voxel_volume_ml
 
 BODY_THRESHOLD_HU = -500.0
 FAT_RANGE_HU = (-190.0, -30.0)
-LUNG_THRESHOLD_HU = -490.0
+LUNG_THRESHOLD_HU = -400.0
 SAT_SHELL_MM = 6.0
 BODY_MEASURES = ("volume_ml", "length_mm", "fat_volume_ml", "sat_volume_ml", "lung_volume_ml", "hu_mean",
-                 "suv_mean", "suv_sd", "suv_p50", "suv_p90", "suv_p99", "suv_max")
+                 "ct_roughness_hu", "suv_mean", "suv_sd", "suv_p50", "suv_p90", "suv_p99", "suv_max")
 _INPLANE = np.zeros((3, 3, 3), dtype=bool)
 _INPLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 
@@ -72,6 +76,17 @@ def subcutaneous_fat(fat: np.ndarray, body: np.ndarray, affine: np.ndarray) -> n
     return ndimage.binary_propagation(seeds, structure=_INPLANE, mask=fat)
 
 
+def ct_roughness_hu(ct_hu: np.ndarray, body: np.ndarray) -> float:
+    """Mean |ΔHU| of x- and y-neighbours inside ``body`` (CT clipped to [−500, 500] HU); NaN without pairs."""
+    ct = np.clip(ct_hu.astype(np.float32), -500.0, 500.0)
+    total, count = 0.0, 0
+    for axis in (0, 1):
+        both = np.logical_and(np.delete(body, 0, axis), np.delete(body, -1, axis))
+        total += float(np.abs(np.diff(ct, axis=axis))[both].astype(np.float64).sum())
+        count += int(both.sum())
+    return total / count if count else math.nan
+
+
 def body_measures(ct_hu: np.ndarray, suv: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     """The whole-body measures of the module docstring (volumes mL, length mm, HU, SUV)."""
     body = body_mask(ct_hu)
@@ -80,12 +95,13 @@ def body_measures(ct_hu: np.ndarray, suv: np.ndarray, affine: np.ndarray) -> dic
     out = {"n_voxels": float(body.sum()), "volume_ml": float(body.sum()) * vml,
            "length_mm": body_length_mm(body, affine), "fat_volume_ml": float(fat.sum()) * vml,
            "sat_volume_ml": float(subcutaneous_fat(fat, body, affine).sum()) * vml,
-           "lung_volume_ml": float((body & (ct_hu <= LUNG_THRESHOLD_HU)).sum()) * vml}
+           "lung_volume_ml": float((body & (ct_hu < LUNG_THRESHOLD_HU)).sum()) * vml}
     if not body.any():
         return out | {k: math.nan for k in BODY_MEASURES if k not in out}
     values = np.clip(suv[body], *SUV_CLIP).astype(np.float64)
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    out.update(hu_mean=float(ct_hu[body].astype(np.float64).mean()), suv_mean=float(values.mean()),
+    out.update(hu_mean=float(ct_hu[body].astype(np.float64).mean()), ct_roughness_hu=ct_roughness_hu(ct_hu, body),
+               suv_mean=float(values.mean()),
                suv_sd=float(values.std(ddof=1)) if values.size > 1 else math.nan,
                suv_p50=float(p50), suv_p90=float(p90), suv_p99=float(p99), suv_max=float(values.max()))
     return out

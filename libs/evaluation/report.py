@@ -39,7 +39,7 @@ from .tables import markdown_table, write_csv
 
 PAPER_ORGANS = ("liver", "heart", "kidneys", "spleen")
 PAPER_MEASURES = ("volume_ml", "suv_mean", "suv_max", "suv_peak")
-BODY_PANELS = ("volume_ml", "length_mm", "fat_volume_ml", "sat_volume_ml", "lung_volume_ml", "hu_mean",
+BODY_PANELS = ("volume_ml", "length_mm", "fat_volume_ml", "lung_volume_ml", "hu_mean", "ct_roughness_hu",
                "suv_mean", "suv_p90")
 
 

@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""The closed-loop fidelity benchmark: does the cascade learn the phantom population?
+
+1. phantom cohorts: a training cohort (sampled like the AutoPET adults), a disjoint held-out cohort, and the
+   *noise floor* — phantoms of exactly the held-out demographics drawn with another seed (what a perfect
+   generator would score against the held-out cohort with this many subjects);
+2. both stages trained from scratch on the training cohort (the bench presets, or any pair of presets);
+3. the cascade generates the held-out demographics (same demographics CSV);
+4. the evaluation stage's own comparison (libs.evaluation.report.run_comparison) of the generated cohort and
+   the noise floor against the held-out reference; this script summarises the body measures per sex and
+   age group (mean ± SD, Δ %, Welch p, Δ in standard errors), the demographic slopes (body and fat volume
+   per 10 kg, length per 10 cm, adjusted for the other covariates), and the targets of issue 12.
+
+    .venv/bin/python bench/fidelity.py --out bench_out/fidelity                   # 2 CPU cores, ≤ 90 min
+    .venv/bin/python bench/fidelity.py --out bench_out/fidelity_gpu --device cuda --subjects 200 \\
+        --train-subjects 565 --lowres-config 1_Trainings/configs/lowres_paper.yaml \\
+        --superres-config 1_Trainings/configs/superres_paper.yaml --steps 20000
+
+Every step resumes (phantoms and generated subjects are skipped when complete, training resumes from its
+run folder). Writes OUT/fidelity.md, fidelity.csv, fidelity.png, previews.png and OUT/comparison/; the last
+line printed is the one-line summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from libs.cascade import generate_cascade_cohort  # noqa: E402
+from libs.config import load_config, to_dict  # noqa: E402
+from libs.evaluation.report import run_comparison  # noqa: E402
+from libs.evaluation.tables import read_csv  # noqa: E402
+from libs.lowres import LowresConfig, train_lowres  # noqa: E402
+from libs.phantom.writer import sampled_demographics, write_phantom_cohort  # noqa: E402
+from libs.superres import SRConfig, train_superres  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "1_Trainings" / "configs"
+MEASURES = ("volume_ml", "length_mm", "fat_volume_ml", "lung_volume_ml", "suv_mean", "ct_roughness_hu")
+SUBGROUPS = ("sex=F", "sex=M", "age<=65", "age>65")
+SLOPES = (("volume_ml", "weight_kg"), ("fat_volume_ml", "weight_kg"), ("length_mm", "height_m"))
+COHORTS = ("generated", "floor")          # compared against the held-out reference
+TARGET_PCT, ROUGHNESS_RATIO, SLOPE_PCT = 5.0, 1.3, 25.0
+
+
+def make_cohorts(out: Path, n_train: int, n_test: int, seed: int, spacing_mm: float, workers: int) -> dict:
+    """Training, held-out and noise-floor phantom cohorts under ``out`` (resumable)."""
+    train = sampled_demographics(n_train, seed, prefix="train")
+    held = sampled_demographics(n_test, seed + 1, prefix="heldout")
+    paths = {"train": out / "train", "heldout": out / "heldout", "floor": out / "floor"}
+    for name, records, s in (("train", train, seed), ("heldout", held, seed + 1), ("floor", held, seed + 2)):
+        report = write_phantom_cohort(paths[name], records, seed=s, spacing_mm=spacing_mm, workers=workers,
+                                      progress=False)
+        if report.failed:
+            raise RuntimeError(f"phantom cohort {name}: {len(report.failed)} subjects failed: "
+                               f"{next(iter(report.failed.values()))}")
+    return paths
+
+
+def stage_configs(lowres_yaml: Path, superres_yaml: Path, out: Path, cohort: Path,
+                  steps: int | None) -> tuple[LowresConfig, SRConfig]:
+    """The two presets pointed at this benchmark's cohort and run folders (``steps`` overrides both stages)."""
+    low = to_dict(load_config(lowres_yaml, LowresConfig))
+    sr = to_dict(load_config(superres_yaml, SRConfig))
+    low["run_dir"], low["data"]["cohort"] = str(out / "runs" / "lowres"), str(cohort)
+    sr["run_dir"], sr["data"]["cohort"], sr["lowres_config"] = str(out / "runs" / "superres"), str(cohort), \
+        str(lowres_yaml)
+    for cfg in (low, sr):
+        if steps:
+            cfg["loop"]["steps"] = steps
+    return load_config(low, LowresConfig, origin=str(lowres_yaml)), load_config(sr, SRConfig, origin=str(superres_yaml))
+
+
+def comparison_cells(path: Path) -> dict:
+    """comparison.csv → {(measure, subgroup, cohort): row} for the body region."""
+    _, rows = read_csv(path, text_columns=("region", "measure", "subgroup", "cohort", "role"))
+    return {(r["measure"], r["subgroup"], r["cohort"]): r for r in rows if r["region"] == "body"}
+
+
+def response_cells(path: Path) -> dict:
+    _, rows = read_csv(path, text_columns=("region", "measure", "cohort", "role", "covariate", "per",
+                                           "adjusted_for"))
+    return {(r["measure"], r["covariate"], r["cohort"]): r for r in rows if r["region"] == "body"}
+
+
+def diff_se(row: dict, ref: dict) -> float:
+    """(mean − reference mean) in standard errors of the difference (Welch)."""
+    se = math.sqrt(row["sd"] ** 2 / row["n"] + ref["sd"] ** 2 / ref["n"]) if row["n"] > 1 and ref["n"] > 1 else 0
+    return (row["mean"] - ref["mean"]) / se if se > 0 else math.nan
+
+
+def summary_rows(cells: dict, names: dict) -> list[dict]:
+    """One row per measure × subgroup: reference, then Δ %, Welch p and Δ/SE of each compared cohort."""
+    rows = []
+    for m in MEASURES:
+        for g in SUBGROUPS:
+            ref = cells.get((m, g, names["heldout"]))
+            if ref is None:
+                continue
+            row = {"measure": m, "subgroup": g, "n_ref": ref["n"], "ref_mean": ref["mean"], "ref_sd": ref["sd"]}
+            for c in COHORTS:
+                r = cells[(m, g, names[c])]
+                row |= {f"{c}_mean": r["mean"], f"{c}_sd": r["sd"], f"{c}_pct": r["pct_diff"],
+                        f"{c}_p": r["welch_p"], f"{c}_se": diff_se(r, ref)}
+            rows.append(row)
+    return rows
+
+
+def slope_rows(resp: dict, names: dict) -> list[dict]:
+    rows = []
+    for m, cov in SLOPES:
+        ref = resp[(m, cov, names["heldout"])]
+        row = {"measure": m, "covariate": f"{cov} ({ref['per']})", "ref_slope": ref["slope"], "ref_se": ref["se"]}
+        for c in COHORTS:
+            r = resp[(m, cov, names[c])]
+            row |= {f"{c}_slope": r["slope"], f"{c}_se": r["se"],
+                    f"{c}_pct": 100.0 * (r["slope"] - ref["slope"]) / abs(ref["slope"]),
+                    f"{c}_p": r["diff_vs_reference_p"]}
+        rows.append(row)
+    return rows
+
+
+def targets(rows: list[dict], slopes: list[dict], cohort: str) -> dict:
+    """Issue 12's targets for one compared cohort: body measures (sex subgroups) within ±5 % or 2 SE,
+    CT roughness within 1.3× of the reference, body-volume-vs-weight slope within 25 %."""
+    body = [r for r in rows if r["subgroup"].startswith("sex") and r["measure"] != "ct_roughness_hu"]
+    ok = [abs(r[f"{cohort}_pct"]) <= TARGET_PCT or abs(r[f"{cohort}_se"]) <= 2.0 for r in body]
+    rough = [r for r in rows if r["measure"] == "ct_roughness_hu" and r["subgroup"].startswith("sex")]
+    ratios = [r[f"{cohort}_mean"] / r["ref_mean"] for r in rough]
+    vol_slope = next(s for s in slopes if s["measure"] == "volume_ml")
+    return {"body_within": sum(ok), "body_total": len(ok),
+            "worst_body_pct": max(abs(r[f"{cohort}_pct"]) for r in body),
+            "roughness_ratio": ratios, "roughness_ok": all(1 / ROUGHNESS_RATIO <= q <= ROUGHNESS_RATIO for q in ratios),
+            "volume_slope_pct": vol_slope[f"{cohort}_pct"], "slope_ok": abs(vol_slope[f"{cohort}_pct"]) <= SLOPE_PCT,
+            "significant": sum(r[f"{cohort}_p"] < 0.05 for r in rows), "comparisons": len(rows)}
+
+
+def _f(v: float, digits: int = 1) -> str:
+    return "–" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.{digits}f}"
+
+
+def markdown(rows, slopes, checks, info: dict) -> str:
+    out = ["# Closed-loop fidelity benchmark", "",
+           f"Training cohort {info['n_train']} phantoms; held-out reference {info['n_test']} phantoms; "
+           f"generated = the cascade on the held-out demographics; noise floor = phantoms of the same "
+           f"demographics, another seed. {info['spacing_mm']:g} mm grid. Presets {info['presets']}, "
+           f"{info['steps']} training steps; device {info['device']}; times {info['times']}.", "",
+           "Δ % = 100·(cohort − reference)/reference; p = Welch; Δ/SE = difference in standard errors.", "",
+           "| measure | subgroup | reference (n) | generated | Δ % | p | Δ/SE | noise floor | Δ % | p | Δ/SE |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        digits = 3 if r["measure"] == "suv_mean" else 1
+        cells = [f"{_f(r['ref_mean'], digits)} ± {_f(r['ref_sd'], digits)} ({r['n_ref']})"]
+        for c in COHORTS:
+            cells += [f"{_f(r[f'{c}_mean'], digits)} ± {_f(r[f'{c}_sd'], digits)}", _f(r[f"{c}_pct"]),
+                      _f(r[f"{c}_p"], 3), _f(r[f"{c}_se"])]
+        out.append(f"| {r['measure']} | {r['subgroup']} | " + " | ".join(cells) + " |")
+    out += ["", "Demographic slopes (least squares, adjusted for weight, height, age and sex):", "",
+            "| measure | covariate | reference | generated | Δ % | p(≠ ref) | noise floor | Δ % | p(≠ ref) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for s in slopes:
+        cells = [f"{_f(s['ref_slope'])} ± {_f(s['ref_se'])}"]
+        for c in COHORTS:
+            cells += [f"{_f(s[f'{c}_slope'])} ± {_f(s[f'{c}_se'])}", _f(s[f"{c}_pct"]), _f(s[f"{c}_p"], 3)]
+        out.append(f"| {s['measure']} | {s['covariate']} | " + " | ".join(cells) + " |")
+    out += ["", "Targets (issue 12): body measures per sex within ±5 % or 2 SE; CT roughness within 1.3×; "
+            "body-volume-vs-weight slope within 25 %.", "", "| | generated | noise floor |", "|---|---|---|"]
+    g, f = checks["generated"], checks["floor"]
+    out += [f"| body measures within target | {g['body_within']}/{g['body_total']} | {f['body_within']}/"
+            f"{f['body_total']} |",
+            f"| worst body |Δ %| (by sex) | {_f(g['worst_body_pct'])} | {_f(f['worst_body_pct'])} |",
+            f"| CT roughness ratio F, M | {', '.join(_f(q, 2) for q in g['roughness_ratio'])} | "
+            f"{', '.join(_f(q, 2) for q in f['roughness_ratio'])} |",
+            f"| body volume vs weight slope Δ % | {_f(g['volume_slope_pct'])} | {_f(f['volume_slope_pct'])} |",
+            f"| comparisons at p < 0.05 | {g['significant']}/{g['comparisons']} | {f['significant']}/"
+            f"{f['comparisons']} |", ""]
+    return "\n".join(out)
+
+
+def figure(path: Path, rows: list[dict]) -> Path:
+    """Δ % ± 2 SE of the generated cohort and the noise floor, per measure and subgroup."""
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6), dpi=110)
+    for ax, m in zip(axes.ravel(), MEASURES):
+        sub = [r for r in rows if r["measure"] == m]
+        x = np.arange(len(sub))
+        for k, (c, colour) in enumerate((("generated", "tab:red"), ("floor", "tab:grey"))):
+            pct = np.array([r[f"{c}_pct"] for r in sub])
+            se_pct = np.array([abs(r[f"{c}_pct"] / r[f"{c}_se"]) if r[f"{c}_se"] else 0.0 for r in sub])
+            ax.errorbar(x + (k - 0.5) * 0.25, pct, yerr=2 * np.nan_to_num(se_pct), fmt="o", color=colour,
+                        capsize=3, label="generated" if c == "generated" else "noise floor")
+        ax.axhspan(-TARGET_PCT, TARGET_PCT, color="tab:green", alpha=0.12)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(x, [r["subgroup"] for r in sub], fontsize=7)
+        ax.set_title(m, fontsize=9)
+        ax.set_ylabel("Δ % vs held-out (± 2 SE)", fontsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Closed-loop fidelity: generated and noise floor vs held-out phantoms (green: ±5 %)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(out: Path, comp: Path, info: dict) -> tuple[dict, list[dict]]:
+    names = {"heldout": "heldout", "generated": "generated", "floor": "floor"}
+    rows = summary_rows(comparison_cells(comp / "comparison.csv"), names)
+    slopes = slope_rows(response_cells(comp / "response.csv"), names)
+    checks = {c: targets(rows, slopes, c) for c in COHORTS}
+    (out / "fidelity.md").write_text(markdown(rows, slopes, checks, info), encoding="utf-8")
+    with open(out / "fidelity.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    figure(out / "fidelity.png", rows)
+    shutil.copyfile(comp / "figures" / "previews.png", out / "previews.png")
+    return checks, rows
+
+
+def _timed(times: dict, name: str, fn):
+    t0 = time.perf_counter()
+    result = fn()
+    times[name] = f"{(time.perf_counter() - t0) / 60:.1f} min"
+    return result
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--out", default="bench_out/fidelity", type=click.Path(file_okay=False), metavar="DIR")
+@click.option("--train-subjects", default=240, type=click.IntRange(8), metavar="N")
+@click.option("--subjects", default=64, type=click.IntRange(8), metavar="N", help="Held-out (and floor) subjects.")
+@click.option("--lowres-config", default=str(CONFIGS / "lowres_bench.yaml"), type=click.Path(dir_okay=False))
+@click.option("--superres-config", default=str(CONFIGS / "superres_bench.yaml"), type=click.Path(dir_okay=False))
+@click.option("--steps", default=None, type=click.IntRange(1), metavar="N",
+              help="Training steps of each stage [the presets'].")
+@click.option("--seed", default=0, type=click.IntRange(0), metavar="S",
+              help="Cohort seed (train S, test S+1, floor S+2).")
+@click.option("--device", default="auto", metavar="DEV")
+@click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
+@click.option("--quiet", is_flag=True)
+def main(out, train_subjects, subjects, lowres_config, superres_config, steps, seed, device, batch, quiet):
+    """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out, times = Path(out), {}
+    low_cfg, sr_cfg = stage_configs(Path(lowres_config), Path(superres_config), out, out / "train", steps)
+    spacing = low_cfg.in_plane_mm
+    paths = _timed(times, "phantoms", lambda: make_cohorts(out, train_subjects, subjects, seed, spacing, 2))
+    _timed(times, "train lowres", lambda: train_lowres(low_cfg, device=device, progress=not quiet))
+    _timed(times, "train superres", lambda: train_superres(sr_cfg, device=device, progress=not quiet))
+    report = _timed(times, "generate", lambda: generate_cascade_cohort(
+        low_cfg.run_dir, sr_cfg.run_dir, paths["heldout"] / "demographics.csv", out / "generated", seed=seed,
+        batch=batch, device=device, previews=False, progress=not quiet))
+    if report.failed:
+        raise SystemExit(f"generation failed for {len(report.failed)} subjects: {next(iter(report.failed.values()))}")
+    comp = out / "comparison"
+    _timed(times, "compare", lambda: run_comparison(paths["heldout"], [out / "generated", paths["floor"]], comp,
+                                                    min_volume_ml=50.0, preview_subjects=4, overwrite=True,
+                                                    progress=False))
+    info = {"n_train": train_subjects, "n_test": subjects, "spacing_mm": spacing, "device": device,
+            "presets": f"{Path(lowres_config).name} + {Path(superres_config).name}",
+            "steps": f"{low_cfg.loop.steps} + {sr_cfg.loop.steps}",
+            "times": ", ".join(f"{k} {v}" for k, v in times.items())}
+    checks, _ = write_outputs(out, comp, info)
+    g, f = checks["generated"], checks["floor"]
+    print(f"{out}/fidelity.md: body measures within target {g['body_within']}/{g['body_total']} (floor "
+          f"{f['body_within']}/{f['body_total']}), worst |Δ| {g['worst_body_pct']:.1f} % (floor "
+          f"{f['worst_body_pct']:.1f} %), roughness ratio {'/'.join(f'{q:.2f}' for q in g['roughness_ratio'])}, "
+          f"volume-weight slope Δ {g['volume_slope_pct']:+.0f} % (floor {f['volume_slope_pct']:+.0f} %), "
+          f"p<0.05 {g['significant']}/{g['comparisons']} (floor {f['significant']}/{f['comparisons']}); "
+          f"{', '.join(f'{k} {v}' for k, v in times.items())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The committed demo weights (Resource/demo_weights/, made by `make demo-weights`) and fine-tuning from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from libs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_safetensors_weights
+from libs.config import load_config, to_dict
+from libs.generate import export_stage_safetensors, load_init_weights
+from libs.lowres import LowresConfig, train_lowres
+from libs.phantom.writer import sampled_demographics, write_phantom_cohort
+from libs.superres import COND_CHANNELS, SRConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "1_Trainings" / "configs"
+WEIGHTS = ROOT / "Resource" / "demo_weights"
+STAGES = {"lowres": (LowresConfig, 4), "superres": (SRConfig, COND_CHANNELS)}
+# what the weights are: everything but where the data and runs live, how long and how fast they trained
+SAME_AS_DEMO = {"lowres": ("in_plane_mm", "model", "diffusion", "sample", "height_law"),
+                "superres": ("model", "diffusion", "augment", "sample", "window")}
+PATHS = ("run_dir", "cohort", "lowres_config", "init_from")
+
+
+def _without_paths(cfg: dict) -> dict:
+    out = {k: v for k, v in cfg.items() if k not in PATHS}
+    return {k: _without_paths(v) if isinstance(v, dict) else v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_demo_weights_load_into_the_demo_preset_network(stage):
+    cls, cond = STAGES[stage]
+    path = WEIGHTS / f"{stage}.safetensors"
+    assert path.stat().st_size <= 10 * 2**20, f"{path}: {path.stat().st_size} bytes (limit 10 MB)"
+    demo = load_config(CONFIGS / f"{stage}_demo.yaml", cls)
+    assert Path(demo.loop.init_from).name == path.name, "the demo preset starts from these weights"
+    net = demo.model.build(in_channels=2, cond_channels=cond)
+    norm = load_init_weights(path, stage, net)
+    tensors, meta = load_safetensors_weights(path)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, tensors[key]), key
+    assert meta["weights"] == "ema" and meta["provenance"]["made_by"] == "make demo-weights"
+    assert len(norm["channel_mean"]) == 2 and (stage == "lowres" or len(norm["residual_std"]) == 2)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_demo_weights_record_the_current_presets(stage):
+    """The recorded config is the current bench preset (the one `make demo-weights` trains), paths aside,
+    and the demo preset describes the same network, diffusion and sampler."""
+    cls, _ = STAGES[stage]
+    _, meta = load_safetensors_weights(WEIGHTS / f"{stage}.safetensors")
+    recorded = to_dict(load_config(meta["config"], cls))
+    bench = to_dict(load_config(CONFIGS / f"{stage}_bench.yaml", cls))
+    assert _without_paths(recorded) == _without_paths(bench), "re-run `make demo-weights` after changing the preset"
+    demo = to_dict(load_config(CONFIGS / f"{stage}_demo.yaml", cls))
+    for key in SAME_AS_DEMO[stage]:
+        assert demo[key] == recorded[key], f"{stage}_demo.yaml '{key}' differs from the demo weights'"
+    assert demo["data"].get("grid", recorded["data"].get("grid")) == recorded["data"].get("grid")
+    assert demo["data"].get("patch", recorded["data"].get("patch")) == recorded["data"].get("patch")
+
+
+def _tiny(root: Path) -> dict:
+    return {"run_dir": str(root / "run"), "in_plane_mm": 14.0,
+            "data": {"cohort": str(root / "cohort"), "grid": [32, 32, 64], "factor": 4, "load_workers": 1},
+            "model": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "channels_per_head": 8},
+            "optim": {"batch": 2, "lr_ref": 0.01, "ref_steps": 100, "warmup_steps": 0},
+            "loop": {"steps": 3, "checkpoint_every": 3, "report_every": 1, "loader_workers": 0}}
+
+
+def test_fine_tune_starts_from_exported_weights_and_refuses_the_other_stage(tmp_path):
+    write_phantom_cohort(tmp_path / "cohort", sampled_demographics(2, seed=3), seed=3, spacing_mm=14.0,
+                         progress=False)
+    base = _tiny(tmp_path)
+    train_lowres(load_config(base, LowresConfig), device="cpu", progress=False)
+    exported = export_stage_safetensors(tmp_path / "run", tmp_path / "w.safetensors",
+                                        provenance={"made_by": "test"})
+    tensors, meta = load_safetensors_weights(exported)
+    assert meta["stage"] == "lowres" and meta["step"] == 3
+    tuned = json.loads(json.dumps(base))
+    tuned["run_dir"] = str(tmp_path / "tuned")
+    tuned["optim"]["lr_ref"] = 1e-9
+    tuned["loop"].update(steps=1, init_from=str(exported), seed=7)      # another seed: another random init
+    train_lowres(load_config(tuned, LowresConfig), device="cpu", progress=False)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "tuned"))
+    weight = next(k for k in tensors if k.endswith("weight") and tensors[k].ndim == 5)
+    start, after = tensors[weight].float(), ckpt["model"][weight].float()
+    cosine = float((start * after).sum() / (start.norm() * after.norm()))
+    assert cosine > 0.999, f"the fine-tune did not start from the exported weights (cosine {cosine:.4f})"
+    assert ckpt["normalization"]["channel_mean"] == meta["normalization"]["channel_mean"]
+    sr = load_config(yaml.safe_load((CONFIGS / "superres_demo.yaml").read_text()), SRConfig)
+    with pytest.raises(CheckpointError, match="'lowres' weights, this is the superres stage"):
+        load_init_weights(exported, "superres", sr.model.build(in_channels=2, cond_channels=COND_CHANNELS))
+    other = load_config({**base, "model": {**base["model"], "model_channels": 16, "channels_per_head": 16}},
+                        LowresConfig)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_init_weights(exported, "lowres", other.model.build(in_channels=2, cond_channels=4))
