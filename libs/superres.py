@@ -6,8 +6,8 @@ upsampling, the network denoises the residual r = HR − up(LR) on random patche
 conditioned on up(LR) (2 channels), the four demographic channels, the patch's position (3 channels:
 voxel index / full size, in [0, 1)) and the conditioning-augmentation level (1 channel).
 
-Residual scaling: CT and PET residuals differ several-fold in size and are far smaller than the
-standardized volumes (SD ≈ 0.1 against 0.5).  Each channel's residual SD is measured on the training
+Residual scaling: CT and PET residuals are smaller than the standardized volumes (SD 0.5) and need not
+match each other (bench preset, 8 mm / 2×: 0.219 CT, 0.233 PET).  Each channel's residual SD is measured on the training
 patches, stored with the checkpoint (``residual_std``) and divided out, so the network sees a residual of
 SD σ_data = 0.5 per channel — the data every EDM/EDM2 constant was tuned for (P_mean −0.4, P_std 1.0,
 σ_max 80, σ_min 0.002).  Shifting P_mean by ln(σ_data / 0.5) instead would fix the training noise levels
