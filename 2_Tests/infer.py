@@ -54,7 +54,8 @@ def _replace(cfg, **values):
 @click.option("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA.")
 @click.option("--no-previews", is_flag=True, help="Do not write previews/<id>.png.")
-@click.option("--overwrite", is_flag=True, help="Regenerate subjects that are already complete.")
+@click.option("--overwrite", is_flag=True,
+              help="Regenerate every subject; also write into a folder this job did not create.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, sr_cond_noise, window,
          overlap, window_batch, seed, batch, device, no_ema, no_previews, overwrite, quiet):

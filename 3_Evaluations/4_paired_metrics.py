@@ -41,17 +41,19 @@ def _echo_summary(report, out) -> None:
 @click.option("--b", "b_dir", required=True, type=click.Path(file_okay=False), metavar="DIR", help="Compared cohort.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="CSV", help="Per-subject metrics CSV.")
 @click.option("--metrics", multiple=True, default=[",".join(METRICS)], metavar="LIST",
-              help=f"Comma-separated subset of {', '.join(METRICS)} (repeatable).")
+              help=f"Subset of {', '.join(METRICS)}: comma- or space-separated (--metrics dice,mae or "
+                   "--metrics dice mae), or repeated.")
 @click.option("--organs", default=",".join(DEFAULT_ORGANS), metavar="NAMES",
               help="Comma-separated TotalSegmentator 'total' classes for Dice / HD95.")
 @click.option("--overwrite", is_flag=True, help="Recompute every subject instead of reusing rows of --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(a_dir, b_dir, out, metrics, organs, overwrite, quiet):
+@click.argument("more_metrics", nargs=-1, metavar="")
+def main(a_dir, b_dir, out, metrics, organs, overwrite, quiet, more_metrics):
     """Dice, HD95 (mm), PSNR, SSIM and MAE between two cohorts with the same subject ids."""
     result = {}
 
     def job():
-        result["r"] = run_paired(a_dir, b_dir, out, metrics=parse_metrics(metrics),
+        result["r"] = run_paired(a_dir, b_dir, out, metrics=parse_metrics((*metrics, *more_metrics)),
                                  organs=tuple(o.strip() for o in organs.split(",") if o.strip()),
                                  overwrite=overwrite, progress=not quiet)
 

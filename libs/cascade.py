@@ -174,7 +174,13 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
             except Exception as exc:  # noqa: BLE001 - this subject fails alone
                 yield d, exc
 
-    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce)
+    def provenance(d: Demographics) -> dict:
+        return {"stage": "cascade", "demographics": asdict(d), "seed": subject_seed(seed, d.subject_id),
+                "seed_superres": subject_seed(seed, d.subject_id, stage=1), "sampler": asdict(s_lr),
+                "sampler_superres": asdict(s_sr), "window": asdict(win), "lowres": lr_model.sha256,
+                "superres": sr_model.sha256, "ema": ema}
+
+    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance)
 
 
 def _cascade_meta(d, seed_lr, seed_sr, s_lr, s_sr, win, lr_model: Model, sr_model: SRModel) -> dict:

@@ -150,22 +150,24 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int = 3) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints; the newest *readable* one is always kept.
+    """Delete all but the ``keep`` newest *readable* checkpoints.  Unreadable files are neither counted nor
+    deleted (left for inspection), so a damaged newest file never costs a valid older one.
 
     Returns the deleted paths.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    found = list_checkpoints(run_dir)
-    keep_paths = {path for _, path in found[-keep:]}
-    newest_good = latest_checkpoint(run_dir) if found else None
-    if newest_good is not None:
-        keep_paths.add(newest_good)
-    removed = []
-    for _, path in found:
-        if path not in keep_paths:
+    kept, removed = 0, []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        if kept >= keep:
             path.unlink(missing_ok=True)
             removed.append(path)
+            continue
+        try:
+            load_checkpoint(path, mmap=True)
+            kept += 1
+        except CheckpointError:
+            continue
     return removed
 
 

@@ -10,9 +10,12 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DataError
 from .demographics import DemographicsError
+from .manifest import ManifestError
 from .volumes import VolumeError
 
-EXPECTED_ERRORS = (ConfigError, DataError, DemographicsError, VolumeError, CheckpointError, FileNotFoundError)
+# OSError: unreadable / unwritable paths, a full disk; UnicodeError: a CSV or YAML that is not UTF-8 text.
+EXPECTED_ERRORS = (ConfigError, DataError, DemographicsError, VolumeError, CheckpointError, ManifestError, OSError,
+                   UnicodeError)
 
 
 def run_guarded(job) -> None:

@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+import numpy as np
 import yaml
 
 T = TypeVar("T")
@@ -312,3 +313,13 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, origin: str) -
             section = ".".join(parts[:depth + 1])
             raise ConfigError(f"{origin}: '{section}' is a value, not a section")
     node[parts[-1]] = value
+
+
+def same_value(a, b) -> bool:
+    """Equal, with numeric lists compared to a relative 1e-6 (constants that went through text or float32)."""
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in a + b):
+        return bool(np.allclose(a, b, rtol=1e-6, atol=1e-9))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b

@@ -22,20 +22,27 @@ from tqdm import tqdm
 from .cohort import Cohort
 from .demographics import Demographics, encode_many
 from .intensity import ct_to_unit, suv_to_unit
+from .manifest import file_hash, fingerprint
 
 
 class DataError(ValueError):
     """The cohort cannot serve as training data (missing files, wrong grid)."""
 
 
-def normalized_volume(cohort: Cohort, demo: Demographics, grid: tuple[int, int, int]) -> torch.Tensor:
+def normalized_volume(cohort: Cohort, demo: Demographics, grid: tuple[int, int, int],
+                      in_plane_mm: float | None = None) -> torch.Tensor:
     """Read one subject and return ``(2, X, Y, Z)`` float16 in [0, 1] on ``grid``.
 
     CT (HU) and SUV are resampled along z (linear) in physical units, then mapped to [0, 1].  The
-    in-plane size must already equal the grid's (preprocessing makes it 224 × 224 at 2 mm).
+    in-plane size must already equal the grid's (preprocessing makes it 224 × 224 at 2 mm), and the in-plane
+    voxel size ``in_plane_mm`` when given (one field of view for the whole cohort).
     """
     subj = cohort.load(demo, labels=False)
     shape = subj.ct.shape
+    if in_plane_mm is not None and not np.allclose(subj.ct.spacing[:2], in_plane_mm, rtol=0.01):
+        sx, sy = subj.ct.spacing[:2]
+        raise DataError(f"{cohort.path('ct', demo.subject_id)}: in-plane voxel size {sx:g} × {sy:g} mm differs from "
+                        f"the config's in_plane_mm {in_plane_mm:g}; every subject needs the same grid")
     if tuple(shape[:2]) != tuple(grid[:2]):
         raise DataError(f"{cohort.path('ct', demo.subject_id)}: in-plane size {shape[0]}×{shape[1]} differs from "
                         f"data.grid {grid[0]}×{grid[1]}; make the cohort on that grid (phantom: --spacing-mm "
@@ -61,12 +68,13 @@ class CohortVolumes:
     """All subjects of a cohort as normalized training volumes, loaded once (threads) and kept in memory."""
 
     def __init__(self, cohort_dir: str | os.PathLike, grid, cache_dir: str | os.PathLike | None = None,
-                 workers: int = 4, progress: bool = True):
+                 workers: int = 4, progress: bool = True, in_plane_mm: float | None = None):
         self.cohort = Cohort(cohort_dir)
         if not self.cohort.demographics_path.is_file():
             raise DataError(f"{self.cohort.demographics_path}: not found; is {cohort_dir} a cohort directory?")
         self.records = self.cohort.demographics()
         self.grid = tuple(int(g) for g in grid)
+        self.in_plane_mm = in_plane_mm
         self.cache_dir = Path(cache_dir) if cache_dir else None
         for d in self.records:
             for kind in ("ct", "suv"):
@@ -81,14 +89,16 @@ class CohortVolumes:
 
     def _load(self, demo: Demographics) -> torch.Tensor:
         if self.cache_dir is None:
-            return normalized_volume(self.cohort, demo, self.grid)
-        path = self.cache_dir / f"{demo.subject_id}_{'x'.join(map(str, self.grid))}.npy"
+            return normalized_volume(self.cohort, demo, self.grid, self.in_plane_mm)
+        # keyed by the source files' content, so an edited or replaced volume is never served from the cache
+        key = fingerprint({kind: file_hash(self.cohort.path(kind, demo.subject_id)) for kind in ("ct", "suv")})
+        path = self.cache_dir / f"{demo.subject_id}_{'x'.join(map(str, self.grid))}_{key[:16]}.npy"
         if path.is_file():
             try:
                 return torch.from_numpy(np.load(path))
             except (OSError, ValueError):
                 pass  # a damaged cache entry is rebuilt below
-        vol = normalized_volume(self.cohort, demo, self.grid)
+        vol = normalized_volume(self.cohort, demo, self.grid, self.in_plane_mm)
         from .files import atomic_path
         with atomic_path(path) as tmp:
             np.save(tmp, vol.numpy())

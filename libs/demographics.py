@@ -156,28 +156,40 @@ def read_demographics_rows(path: str | os.PathLike) -> tuple[list[Demographics],
         raise DemographicsError(f"{path}: file not found")
     records: list[Demographics] = []
     errors: list[str] = []
-    seen: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, skipinitialspace=True)
-        _check_header(path, reader.fieldnames)
-        reader.fieldnames = [h.strip() for h in reader.fieldnames]
-        for row in reader:
-            line = reader.line_num
-            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                continue  # blank line
-            sid = (row.get("subject_id") or "").strip()
-            try:
-                rec = parse_row(row)
-            except DemographicsError as exc:
-                errors.append(f"{path} line {line} ({sid or 'no id'}): {exc}")
-                continue
-            if rec.subject_id in seen:
-                errors.append(f"{path} line {line}: subject_id {rec.subject_id!r} duplicates line "
-                              f"{seen[rec.subject_id]}")
-                continue
-            seen[rec.subject_id] = line
-            records.append(rec)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            _read_rows(path, fh, records, errors)
+    except UnicodeDecodeError as exc:
+        raise DemographicsError(f"{path}: not UTF-8 text (byte {exc.start}); save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise DemographicsError(f"{path}: not a readable CSV file ({exc})") from None
     return records, errors
+
+
+def _read_rows(path: Path, fh, records: list[Demographics], errors: list[str]) -> None:
+    reader = csv.DictReader(fh, skipinitialspace=True)
+    _check_header(path, reader.fieldnames)
+    reader.fieldnames = [h.strip() for h in reader.fieldnames]
+    seen: dict[str, int] = {}
+    for row in reader:
+        line = reader.line_num
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue  # blank line
+        sid = (row.get("subject_id") or "").strip()
+        if None in row:                                  # DictReader's key for fields beyond the header
+            errors.append(f"{path} line {line} ({sid or 'no id'}): more fields than the header's "
+                          f"{len(reader.fieldnames)}")
+            continue
+        try:
+            rec = parse_row(row)
+        except DemographicsError as exc:
+            errors.append(f"{path} line {line} ({sid or 'no id'}): {exc}")
+            continue
+        if rec.subject_id in seen:
+            errors.append(f"{path} line {line}: subject_id {rec.subject_id!r} duplicates line {seen[rec.subject_id]}")
+            continue
+        seen[rec.subject_id] = line
+        records.append(rec)
 
 
 def read_demographics_csv(path: str | os.PathLike) -> list[Demographics]:

@@ -1,8 +1,10 @@
 """Inference: trained checkpoints + a demographics CSV → a synthetic cohort directory.
 
 Per subject the sampler starts from noise drawn from the subject's own seed (derived from the job seed
-and the subject id), so subject k is reproducible on its own, in any batch and on any row of any CSV.
-Jobs resume (complete subjects are skipped), and a failing row is reported without stopping the others.
+and the subject id), so subject k gets the same noise and seeds on its own, in any batch and on any row of any
+CSV; its volumes agree across batch sizes up to the floating-point differences of batched network arithmetic
+(not bit for bit).  Jobs resume onto their own outputs only (see :func:`run_job`), and a failing row is
+reported without stopping the others.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, sha256_file, versions
+from . import training
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sha256_file, versions
 from .cohort import Cohort
 from .config import load_config
 from .demographics import Demographics, encode_many, read_demographics_rows
@@ -28,6 +31,7 @@ from .ema import PowerFunctionEMA
 from .files import atomic_write_text
 from .intensity import CT_BACKGROUND_HU, unit_to_ct, unit_to_suv
 from .lowres import LowresConfig, SampleConfig, Standardize, expand_cond
+from .manifest import ManifestError, claim, fingerprint
 from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
 from .volumes import centered_affine
 
@@ -62,13 +66,20 @@ def load_stage(path: str | os.PathLike, config_cls, cond_channels: int, device: 
     mode on ``device``, holding the first EMA's weights unless ``ema`` is False)."""
     path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, map_location="cpu")
+    for key in ("config", "model", "normalization", "step"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: not a complete TotalGen checkpoint (no {key!r})")
     cfg = load_config(ckpt["config"], config_cls, origin=f"{path} (config)")
     net = cfg.model.build(in_channels=2, cond_channels=cond_channels)
-    net.load_state_dict(ckpt["model"])
-    if ema and ckpt.get("ema"):
-        averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
-        averaged.load_state_dict(ckpt["ema"])
-        averaged.copy_to(net)
+    try:
+        net.load_state_dict(ckpt["model"])
+        if ema and ckpt.get("ema"):
+            averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
+            averaged.load_state_dict(ckpt["ema"])
+            averaged.copy_to(net)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+        raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({first})") from None
     return path, ckpt, cfg, net.eval().to(device)
 
 
@@ -158,46 +169,86 @@ def _meta(demo: Demographics, seed: int, sample: SampleConfig, model: Model, ext
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 
-def _pending(cohort: Cohort, records: list[Demographics], overwrite: bool, report: JobReport) -> list[Demographics]:
-    todo = []
+def _pending(cohort: Cohort, records: list[Demographics], prints: dict[str, str], overwrite: bool,
+             report: JobReport) -> list[Demographics]:
+    """Subjects to (re)generate: all with ``overwrite``; else those not complete under the job's own
+    fingerprint.  A subject whose sidecar records another fingerprint (other demographics, seeds, settings or
+    checkpoints) is refused with one line rather than silently kept or replaced."""
+    todo, foreign = [], []
     for d in records:
-        if not overwrite and cohort.path("meta", d.subject_id).is_file() and cohort.is_complete(d.subject_id):
+        recorded = _recorded_fingerprint(cohort, d.subject_id)
+        if recorded == prints[d.subject_id] and not overwrite and cohort.is_complete(d.subject_id):
             report.skipped.append(d.subject_id)
+        elif recorded is None or recorded == prints[d.subject_id] or overwrite:
+            todo.append(d)                   # new, or this job's own unfinished / truncated subject
         else:
-            todo.append(d)
+            foreign.append(d.subject_id)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ManifestError(f"{cohort.path('meta', foreign[0])}: subject {foreign[0]}{more} was generated from "
+                            "other demographics, seeds, sampler settings or checkpoints; pass --overwrite to "
+                            "regenerate, or choose another --out")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return todo[rank::world]
 
 
+def _recorded_fingerprint(cohort: Cohort, subject_id: str) -> str | None:
+    """The fingerprint a subject's meta sidecar records, "" for a sidecar without one, None without a sidecar."""
+    path = cohort.path("meta", subject_id)
+    if not path.is_file():
+        return None
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8")).get("fingerprint", ""))
+    except (OSError, UnicodeError, ValueError, AttributeError):
+        return ""
+
+
+def _check_input_outside(demographics_csv: str | os.PathLike, cohort: Cohort) -> None:
+    """The job rewrites ``<out>/demographics.csv``: it must not be the user's input file."""
+    src, dst = Path(demographics_csv), cohort.demographics_path
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise ManifestError(f"{src}: is the output's own demographics.csv, which the job rewrites; keep the input "
+                            "CSV outside --out")
+
+
 def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """The generation device (see :func:`libs.training.pick_device`: the same names, the same checks)."""
+    return training.pick_device(device)
 
 
 def run_job(demographics_csv: str | os.PathLike, out: str | os.PathLike, batch: int, overwrite: bool,
-            previews: bool, progress: bool, produce) -> JobReport:
+            previews: bool, progress: bool, produce, provenance) -> JobReport:
     """The cohort-job loop shared by low-res and cascade generation.
 
     ``produce(chunk)`` yields ``(demo, result)`` per subject of a chunk of up to ``batch`` subjects, where
-    ``result`` is ``(ct_hu, suv, affine, meta)`` or the exception that subject failed with.  Finished
-    subjects are skipped, bad CSV rows and failures are reported, and each subject is written atomically
-    with its ``meta`` sidecar last (the completion marker).
+    ``result`` is ``(ct_hu, suv, affine, meta)`` or the exception that subject failed with.
+    ``provenance(demo)`` describes everything a subject's volumes depend on (demographics, seeds, sampler
+    settings, checkpoint hashes); its :func:`libs.manifest.fingerprint` is stored in the subject's meta
+    sidecar, which is written last (the completion marker).  The output folder is claimed first
+    (:func:`libs.manifest.claim`): a folder this job did not create is refused.  Complete subjects with the
+    job's fingerprint are skipped, subjects made otherwise are refused, bad CSV rows and failures are
+    reported, and each subject is written atomically.
     """
     start, report = time.perf_counter(), JobReport()
     records, bad_rows = read_demographics_rows(demographics_csv)
     for msg in bad_rows:
         report.failed[msg.split(": ", 1)[0]] = msg
     cohort = Cohort(out)
-    if int(os.environ.get("RANK", "0")) == 0 and records:
+    _check_input_outside(demographics_csv, cohort)
+    prints = {d.subject_id: fingerprint(provenance(d)) for d in records}
+    main = int(os.environ.get("RANK", "0")) == 0
+    claim(out, "generate", folder=True, overwrite=overwrite and main)
+    todo = _pending(cohort, records, prints, overwrite, report)
+    if main and records:
         cohort.write_demographics(records)
-    todo = _pending(cohort, records, overwrite, report)
     bar = tqdm(total=len(todo), desc="generating", unit="subj", disable=not progress or not todo)
     for i in range(0, len(todo), batch):
         chunk, done = todo[i:i + batch], set()
         try:
             for demo, result in produce(chunk):
                 done.add(demo.subject_id)
+                if not isinstance(result, Exception):
+                    result = (*result[:3], {**result[3], "fingerprint": prints[demo.subject_id]})
                 _record(report, cohort, demo, result, previews)
                 bar.update()
         except Exception as exc:  # noqa: BLE001 - report the rest of the chunk, go on with the next one
@@ -249,7 +300,11 @@ def generate_lowres_cohort(lowres: str | os.PathLike, demographics_csv: str | os
             ct, suv, affine = to_physical(ui, d, model.config)
             yield d, (ct, suv, affine, _meta(d, s, sample, model, {"stage": "lowres"}))
 
-    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce)
+    def provenance(d: Demographics) -> dict:
+        return {"stage": "lowres", "demographics": asdict(d), "seed": subject_seed(seed, d.subject_id),
+                "sampler": asdict(sample), "lowres": model.sha256, "ema": ema}
+
+    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance)
 
 
 def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True,

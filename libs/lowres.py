@@ -173,7 +173,8 @@ def expand_cond(cond: torch.Tensor, shape) -> torch.Tensor:
 
 def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True) -> Path | None:
     """Train (or resume) the low-resolution model described by ``cfg``; returns the last checkpoint."""
-    volumes = CohortVolumes(cfg.data.cohort, cfg.data.grid, cfg.data.cache_dir, cfg.data.load_workers, progress)
+    volumes = CohortVolumes(cfg.data.cohort, cfg.data.grid, cfg.data.cache_dir, cfg.data.load_workers, progress,
+                             cfg.in_plane_mm)
     samples = PolyphaseSamples(volumes, cfg.data.factor)
     shape = samples.shape
     torch.manual_seed(cfg.loop.seed)                     # the same initial weights on every rank and rerun
@@ -181,11 +182,11 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
     net.check_input(torch.zeros(1, 2, *shape), torch.zeros(1), torch.zeros(1, 4, *shape))
     seed = cfg.loop.seed
     mean, std = channel_stats(volumes)
-    if cfg.loop.init_from and not has_checkpoint(cfg.run_dir):
+    if cfg.loop.init_from:            # its constants hold for the whole run, resumed or not
         from .generate import load_init_weights
         init = load_init_weights(cfg.loop.init_from, "lowres", net)
         mean, std = init["channel_mean"], init["channel_std"]      # keep the constants the weights know
-        if progress:
+        if progress and not has_checkpoint(cfg.run_dir):
             print(f"low-res: starting from {cfg.loop.init_from} (its normalization constants)")
     standardize = Standardize(mean, std, cfg.diffusion.sigma_data)
 

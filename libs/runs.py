@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import latest_checkpoint
 from .config import ConfigError, dump_yaml, load_config, override, to_dict
 from .files import atomic_write_text
 
@@ -26,7 +27,7 @@ def prepare_run(config_path: str | os.PathLike, cls, cohort: str | None, run_dir
         extra.append(f"run_dir={run_dir}")
     cfg = override(cfg, extra) if extra else cfg
     saved = Path(cfg.run_dir) / "config.yaml"
-    if saved.is_file():
+    if saved.is_file() and latest_checkpoint(cfg.run_dir) is not None:     # only a trained run is bound to it
         previous, current = _frozen(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}), _frozen(to_dict(cfg))
         changed = [k for k in FROZEN_SECTIONS if previous.get(k) != current.get(k)]
         if changed:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, check_range, load_config, to_dict
+from .config import ConfigError, check_range, load_config, same_value, to_dict
 from .data import CohortVolumes, offset_of
 from .diffusion import EDM2Loss
 from .lowres import (
@@ -172,17 +172,10 @@ def check_pairing(lowres_norm: dict, sr_norm: dict) -> None:
     height law."""
     keys = ("grid", "factor", "in_plane_mm", "ct_range_hu", "suv_max", "pet_map", "demographics", "channel_mean",
             "channel_std", "height_law")
-    bad = [k for k in keys if not _same(lowres_norm.get(k), sr_norm.get(k))]
+    bad = [k for k in keys if not same_value(lowres_norm.get(k), sr_norm.get(k))]
     if bad:
         raise ConfigError(f"the super-resolution checkpoint was trained for another low-res stage: {', '.join(bad)} "
                           f"differ ({[lowres_norm.get(k) for k in bad]} vs {[sr_norm.get(k) for k in bad]})")
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
-            isinstance(v, (int, float)) for v in a + b):
-        return bool(np.allclose(a, b, rtol=1e-6, atol=1e-9))
-    return a == b
 
 
 class ResidualPatches:
@@ -271,16 +264,17 @@ def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, residual_std) -
 def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -> Path | None:
     """Train (or resume) the residual super-resolution model; returns the last checkpoint."""
     pairing = load_pairing(cfg)
-    volumes = CohortVolumes(cfg.data.cohort, pairing.grid, cfg.data.cache_dir, cfg.data.load_workers, progress)
+    volumes = CohortVolumes(cfg.data.cohort, pairing.grid, cfg.data.cache_dir, cfg.data.load_workers, progress,
+                             pairing.in_plane_mm)
     mean, std = channel_stats(volumes)
     torch.manual_seed(cfg.loop.seed)
     net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
     residual_std = cfg.diffusion.residual_std
-    if cfg.loop.init_from and not has_checkpoint(cfg.run_dir):
+    if cfg.loop.init_from:            # its constants hold for the whole run, resumed or not
         from .generate import load_init_weights
         init = load_init_weights(cfg.loop.init_from, "superres", net)
         mean, std, residual_std = init["channel_mean"], init["channel_std"], init["residual_std"]
-        if progress:
+        if progress and not has_checkpoint(cfg.run_dir):
             print(f"super-res: starting from {cfg.loop.init_from} (its normalization constants)")
     # the SR stage sees intensities standardized exactly like its low-res stage (same cohort statistics)
     standardize = Standardize(mean, std, pairing.net_sigma)

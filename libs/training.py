@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import (
+    CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -33,9 +35,12 @@ from .checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from .config import check_range
+from .config import ConfigError, check_range, same_value
 from .diffusion import Denoiser
 from .ema import PowerFunctionEMA
+from .files import atomic_write_text
+
+MEASURED_CONSTANTS = ("channel_mean", "channel_std", "residual_std")     # normalization measured on the data
 
 
 @dataclass
@@ -103,12 +108,19 @@ def init_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def pick_device(requested: str, d: Dist) -> torch.device:
+def pick_device(requested: str, d: Dist | None = None) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` → a torch.device (``cuda``: this rank's local GPU);
+    ConfigError with one line for any other name or a CUDA request on a machine without CUDA."""
+    d = d or Dist()
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", requested):
+        raise ConfigError(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda requested but no CUDA device is available")
+            raise ConfigError(f"--device {requested}: no CUDA device is available on this machine")
+        if requested != "cuda" and torch.device(requested).index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return torch.device("cuda", d.local_rank if requested == "cuda" else torch.device(requested).index)
     return torch.device(requested)
 
@@ -116,6 +128,15 @@ def pick_device(requested: str, d: Dist) -> torch.device:
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     """True when ``run_dir`` holds a valid checkpoint a run would resume from."""
     return Path(run_dir).is_dir() and latest_checkpoint(run_dir) is not None
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files (``.<name>.*.tmp*``, see :func:`libs.files.atomic_path`) that a killed run
+    left in its run folder; one run folder has one writer, so none of them is still being written."""
+    stale = [p for p in run_dir.glob(".*.tmp*") if p.is_file()] if run_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
@@ -143,6 +164,8 @@ class Trainer:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self.ema = PowerFunctionEMA(self.net, loop.ema_sigma_rels)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=optim.lr_ref, betas=optim.betas, eps=optim.eps)
+        if self.dist.main:
+            remove_stale_temp_files(self.run_dir)
         self.step = self._resume()
         model = torch.compile(self.net) if loop.compile else self.net
         if self.dist.world > 1:
@@ -156,10 +179,45 @@ class Trainer:
         if path is None:
             return 0
         ckpt = load_checkpoint(path, map_location=self.device)
-        step = restore_checkpoint(ckpt, model=self.net, ema=self.ema, optimizer=self.opt)
+        self._check_same_data(ckpt.get("normalization") or {}, path)
+        try:
+            step = restore_checkpoint(ckpt, model=self.net, ema=self.ema, optimizer=self.opt)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+            raise CheckpointError(f"{path}: does not fit this run's network ({first}); use a new run_dir") from None
         if self.progress:
             tqdm.write(f"resuming from {path} (step {step})")
+        if self.dist.main:
+            self._trim_log(step)
         return step
+
+    def _trim_log(self, step: int) -> None:
+        """Drop log rows of steps after the checkpoint resumed from (they will be logged again)."""
+        log = self.run_dir / "log.jsonl"
+        if not log.is_file():
+            return
+        lines = log.read_text(encoding="utf-8").splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue                                 # a row cut short by a kill
+        if len(keep) != len(lines):
+            atomic_write_text(log, "".join(f"{line}\n" for line in keep))
+
+    def _check_same_data(self, recorded: dict, path: Path) -> None:
+        """A resumed run must see the data it started on: the constants measured on it now (channel
+        statistics, residual scales) must equal the checkpoint's, else the cohort changed under it."""
+        changed = [k for k in MEASURED_CONSTANTS if k in recorded and k in self.normalization
+                   and not same_value(recorded[k], self.normalization[k])]
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"{path}: the run started on other data ({k} was {recorded[k]}, the cohort now gives "
+                              f"{self.normalization[k]}); resume with the original cohort or use a new run_dir")
 
     def save(self) -> Path | None:
         """Rank 0 writes ``ckpt-<step>.pt`` atomically and prunes old ones."""

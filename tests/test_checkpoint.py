@@ -206,9 +206,11 @@ def test_prune_keeps_newest_and_newest_readable(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
 
     checkpoint_path(tmp_path, 4).write_bytes(b"truncated")
-    with pytest.warns(UserWarning):
-        prune_checkpoints(tmp_path, keep=1)
+    assert prune_checkpoints(tmp_path, keep=1) == []
     assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4], "the newest readable one must survive"
+    save(checkpoint_path(tmp_path, 2), step=2)
+    assert prune_checkpoints(tmp_path, keep=2) == [], "a damaged newest file is not counted against keep"
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3, 4], "unreadable files are left for inspection"
     with pytest.raises(ValueError, match="keep"):
         prune_checkpoints(tmp_path, keep=0)
 

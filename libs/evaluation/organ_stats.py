@@ -6,13 +6,14 @@ One row per subject × region.  Organ regions (``liver``, ``spleen``, ``kidney_l
 :data:`libs.evaluation.body.BODY_MEASURES`.  Cells that do not apply to a region are empty.
 Demographics ride along on every row, so the file alone is enough for the cohort comparison.
 
-The CSV is rewritten after each subject; rerunning reuses the rows of subjects whose demographics and
-label availability are unchanged (``overwrite`` recomputes everything).
+The CSV is rewritten after each subject; rerunning reuses a subject's rows only when the table's manifest
+(:mod:`libs.manifest`, ``<table>.manifest.json``) records the same fingerprint: the content hashes of its
+CT, SUV and label files, its demographics and the code version of the measures.  ``overwrite``
+recomputes everything; a CSV this job did not write is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from tqdm import tqdm
 
 from ..cohort import Cohort
 from ..demographics import Demographics
+from ..manifest import claim, code_version, file_hash, fingerprint
+from . import body, measures
 from .body import BODY_MEASURES, body_measures
 from .errors import EvaluationError
 from .measures import MEASURES, ORGAN_REGIONS, organ_measures, region_mask
@@ -32,6 +35,8 @@ VALUE_COLUMNS = list(dict.fromkeys([*MEASURES, *BODY_MEASURES]))
 COLUMNS = ID_COLUMNS + VALUE_COLUMNS
 TEXT_COLUMNS = ("subject_id", "sex", "region")
 BODY_REGION = "body"
+KINDS = ("ct", "suv", "labels", "meta", "previews")
+MEASURES_CODE = code_version(body, measures)      # editing a measure invalidates its stored rows
 
 
 @dataclass
@@ -64,15 +69,18 @@ def subject_rows(cohort: Cohort, demo: Demographics) -> list[dict]:
     return rows
 
 
-def _reusable(rows: list[dict] | None, demo: Demographics, has_labels: bool) -> bool:
-    """Stored rows still describe this subject: same demographics, same label availability."""
-    if not rows:
-        return False
-    first, want = rows[0], _demographic_cells(demo)
-    same = first["sex"] == demo.sex and all(
-        math.isclose(float(first[k]), float(want[k]), rel_tol=1e-5) for k in ("age_years", "height_m", "weight_kg"))
-    organs = {r["region"] for r in rows} - {BODY_REGION}
-    return same and organs == (set(ORGAN_REGIONS) if has_labels else set())
+def subject_fingerprint(cohort: Cohort, demo: Demographics) -> str:
+    """What a subject's rows depend on: its files' content, its demographics, the measures' code."""
+    files = {kind: file_hash(cohort.path(kind, demo.subject_id)) for kind in ("ct", "suv", "labels")}
+    return fingerprint({"files": files, "demographics": _demographic_cells(demo), "code": MEASURES_CODE})
+
+
+def check_not_cohort_file(cohort: Cohort, out: str | os.PathLike) -> None:
+    """Refuse an output path that is one of the cohort's own files (its demographics.csv, a volume)."""
+    out = Path(out).resolve()
+    root = cohort.root.resolve()
+    if out == cohort.demographics_path.resolve() or (out.parent.parent == root and out.parent.name in KINDS):
+        raise EvaluationError(f"{out}: is a file of the cohort {cohort.root} itself; write the table elsewhere")
 
 
 def cohort_stats(cohort_dir: str | os.PathLike, out_csv: str | os.PathLike, overwrite: bool = False,
@@ -84,19 +92,24 @@ def cohort_stats(cohort_dir: str | os.PathLike, out_csv: str | os.PathLike, over
     cohort, report, start = Cohort(cohort_dir), StatsReport(), time.perf_counter()
     if not cohort.demographics_path.is_file():
         raise EvaluationError(f"{cohort.demographics_path}: not found; is {cohort_dir} a cohort directory?")
+    check_not_cohort_file(cohort, out_csv)
     records = cohort.demographics()
     order = [d.subject_id for d in records]
+    made = claim(out_csv, "organ-stats", folder=False, overwrite=overwrite)
     table = SubjectTable(out_csv, COLUMNS, TEXT_COLUMNS, fresh=overwrite)
     table.write(order)
     for demo in tqdm(records, desc=desc, unit="subj", disable=not progress):
         sid, labelled = demo.subject_id, cohort.has_labels(demo.subject_id)
         if not labelled:
             report.unlabeled.append(sid)
-        if _reusable(table.rows_of(sid), demo, labelled):
+        fp = subject_fingerprint(cohort, demo)
+        if table.rows_of(sid) and made.current(sid, fp):
             report.reused.append(sid)
             continue
         try:
+            made.forget(sid)
             table.put(sid, subject_rows(cohort, demo), order)
+            made.record(sid, fp)
             report.computed.append(sid)
         except Exception as exc:  # noqa: BLE001 - one subject's failure is reported, the others go on
             report.failed[sid] = f"{type(exc).__name__}: {exc}"

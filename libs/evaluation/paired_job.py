@@ -1,9 +1,10 @@
 """The paired-metrics job over two cohorts: one tidy row per subject × target × metric, resumable.
 
 Targets are organ names (Dice, HD95 from ``labels/``) and ``ct`` / ``suv`` (MAE, PSNR, SSIM inside the
-body).  The CSV is rewritten after each subject; rerunning reuses subjects whose rows cover exactly the
-requested targets and metrics.  A summary (n, mean, SD, median, min, max of the finite values, and the
-count of infinite ones) goes next to it as ``<name>_summary.csv``.
+body).  The CSV is rewritten after each subject; rerunning reuses a subject's rows only when the table's
+manifest (:mod:`libs.manifest`) records the same fingerprint: both subjects' file contents, the metrics and
+organs asked for, and the code version of the metrics.  A summary (n, mean, SD, median, min, max of the
+finite values, and the count of infinite ones) goes next to it as ``<name>_summary.csv``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from tqdm import tqdm
 
 from ..cohort import Cohort, Subject
 from ..labels import label_id, total_class_map
+from ..manifest import claim, code_version, file_hash, fingerprint
+from . import paired
 from .errors import EvaluationError
+from .organ_stats import check_not_cohort_file
 from .paired import CT_WINDOW_HU, METRICS, SUV_WINDOW, dice, hausdorff95, image_metrics, on_grid_of, union_body
 from .tables import SubjectTable, write_csv
 
@@ -29,6 +33,8 @@ IMAGE_METRICS = ("psnr", "ssim", "mae")
 UNITS = {("ct", "mae"): "HU", ("suv", "mae"): "SUV", "psnr": "dB", "hausdorff": "mm", "dice": "", "ssim": ""}
 COLUMNS = ["subject_id", "target", "metric", "value", "unit", "resampled", "note"]
 SUMMARY_COLUMNS = ["target", "metric", "unit", "n", "n_infinite", "mean", "sd", "median", "min", "max"]
+KINDS = ("ct", "suv", "labels")
+METRICS_CODE = code_version(paired)          # editing a metric invalidates its stored rows
 
 
 @dataclass
@@ -52,12 +58,6 @@ def parse_metrics(values) -> tuple[str, ...]:
     if unknown:
         raise EvaluationError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
     return tuple(dict.fromkeys(names)) or METRICS
-
-
-def expected_keys(metrics: tuple[str, ...], organs: tuple[str, ...]) -> set[tuple[str, str]]:
-    """The (target, metric) pairs a subject's rows hold for these metrics and organs."""
-    keys = {(o, m) for o in organs for m in metrics if m in LABEL_METRICS}
-    return keys | {(t, m) for t in ("ct", "suv") for m in metrics if m in IMAGE_METRICS}
 
 
 def _row(sid: str, target: str, metric: str, value: float, resampled: bool, note: str = "") -> dict:
@@ -120,20 +120,28 @@ def run_paired(a_dir, b_dir, out_csv, metrics=METRICS, organs=DEFAULT_ORGANS, ov
             raise EvaluationError(f"{Path(d) / 'demographics.csv'}: not found; is {d} a cohort directory?")
     check_organs(organs)
     cohort_a, cohort_b, report, start = Cohort(a_dir), Cohort(b_dir), PairedReport(), time.perf_counter()
+    for cohort in (cohort_a, cohort_b):
+        check_not_cohort_file(cohort, out_csv)
     pairs = _pairs(cohort_a, cohort_b, report)
-    order, want = [d.subject_id for d, _ in pairs], expected_keys(tuple(metrics), tuple(organs))
+    order = [d.subject_id for d, _ in pairs]
+    made = claim(out_csv, "paired-metrics", folder=False, overwrite=overwrite)
     table = SubjectTable(out_csv, COLUMNS, ("subject_id", "target", "metric", "unit", "resampled", "note"), overwrite)
     table.write(order)
     for demo_a, demo_b in tqdm(pairs, desc="paired metrics", unit="subj", disable=not progress):
         sid, stored = demo_a.subject_id, table.rows_of(demo_a.subject_id)
-        if stored and {(r["target"], r["metric"]) for r in stored} == want:
+        fp = fingerprint({"a": {k: file_hash(cohort_a.path(k, sid)) for k in KINDS},
+                          "b": {k: file_hash(cohort_b.path(k, sid)) for k in KINDS},
+                          "metrics": list(metrics), "organs": list(organs), "code": METRICS_CODE})
+        if stored and made.current(sid, fp):
             report.reused.append(sid)
             report.resampled += [sid] if stored[0]["resampled"] == "True" else []
             continue
         try:
+            made.forget(sid)
             rows, resampled = subject_rows(sid, cohort_a.load(demo_a), cohort_b.load(demo_b), tuple(metrics),
                                            tuple(organs))
             table.put(sid, rows, order)
+            made.record(sid, fp)
             report.computed.append(sid)
             report.resampled += [sid] if resampled else []
         except Exception as exc:  # noqa: BLE001 - one subject's failure is reported, the others go on

@@ -27,6 +27,13 @@ class TTest:
     p: float
 
 
+def _no_variance(var: float, *groups: np.ndarray) -> bool:
+    """A variance that is zero up to floating-point rounding of the values (SD below 1e-9 of their scale):
+    the groups are constant, and a test statistic would only divide rounding noise."""
+    scale = max(float(np.abs(g).max()) for g in groups if g.size) or 1.0
+    return not var > (1e-9 * scale) ** 2
+
+
 def welch_ttest(a, b) -> TTest:
     """Welch's unequal-variance t-test of mean(a) − mean(b).
 
@@ -38,7 +45,7 @@ def welch_ttest(a, b) -> TTest:
         return TTest(math.nan, math.nan, math.nan)
     qa, qb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se2 = qa + qb
-    if se2 == 0.0:
+    if _no_variance(se2, a, b):
         return TTest(math.nan, math.nan, math.nan)
     t = (a.mean() - b.mean()) / math.sqrt(se2)
     df = se2**2 / (qa**2 / (a.size - 1) + qb**2 / (b.size - 1))
@@ -67,7 +74,7 @@ def one_way_anova(*groups) -> Anova:
     grand = np.concatenate(groups).mean()
     ss_between = sum(g.size * (g.mean() - grand) ** 2 for g in groups)
     ss_within = sum(((g - g.mean()) ** 2).sum() for g in groups)
-    if ss_within == 0.0:
+    if _no_variance(ss_within / n, *groups):
         return Anova(math.nan, k - 1, n - k, math.nan)
     f = (ss_between / (k - 1)) / (ss_within / (n - k))
     return Anova(float(f), k - 1, n - k, float(sps.f.sf(f, k - 1, n - k)))
@@ -79,7 +86,7 @@ def cohens_d(a, b) -> float:
     if a.size < 2 or b.size < 2:
         return math.nan
     pooled = ((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / (a.size + b.size - 2)
-    return float((a.mean() - b.mean()) / math.sqrt(pooled)) if pooled > 0 else math.nan
+    return math.nan if _no_variance(pooled, a, b) else float((a.mean() - b.mean()) / math.sqrt(pooled))
 
 
 def ks_test(a, b) -> tuple[float, float]:
