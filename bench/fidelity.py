@@ -15,6 +15,9 @@
     .venv/bin/python bench/fidelity.py --out bench_out/fidelity_gpu --device cuda --subjects 200 \\
         --train-subjects 565 --lowres-config 1_Trainings/configs/lowres_paper.yaml \\
         --superres-config 1_Trainings/configs/superres_paper.yaml --steps 20000
+    # the same trained stages on another held-out cohort, floor and sampling seed (no training):
+    .venv/bin/python bench/fidelity.py --out bench_out/fidelity_h11 --runs-from bench_out/fidelity/runs \
+        --heldout-seed 11
 
 Every step resumes (phantoms and generated subjects are skipped when complete, training resumes from its
 run folder). Writes OUT/fidelity.md, fidelity.csv, fidelity.png, previews.png and OUT/comparison/; the last
@@ -57,12 +60,16 @@ COHORTS = ("generated", "floor")          # compared against the held-out refere
 TARGET_PCT, ROUGHNESS_RATIO, SLOPE_PCT = 5.0, 1.3, 25.0
 
 
-def make_cohorts(out: Path, n_train: int, n_test: int, seed: int, spacing_mm: float, workers: int) -> dict:
-    """Training, held-out and noise-floor phantom cohorts under ``out`` (resumable)."""
-    train = sampled_demographics(n_train, seed, prefix="train")
-    held = sampled_demographics(n_test, seed + 1, prefix="heldout")
-    paths = {"train": out / "train", "heldout": out / "heldout", "floor": out / "floor"}
-    for name, records, s in (("train", train, seed), ("heldout", held, seed + 1), ("floor", held, seed + 2)):
+def make_cohorts(out: Path, n_train: int, n_test: int, seed: int, heldout_seed: int, spacing_mm: float,
+                 workers: int, train: bool = True) -> dict:
+    """Training (seed), held-out (heldout_seed) and noise-floor (heldout_seed + 1) phantom cohorts under
+    ``out`` (resumable); the floor has exactly the held-out demographics.  ``train=False`` skips the first."""
+    held = sampled_demographics(n_test, heldout_seed, prefix="heldout")
+    plan = [("heldout", held, heldout_seed), ("floor", held, heldout_seed + 1)]
+    if train:
+        plan.insert(0, ("train", sampled_demographics(n_train, seed, prefix="train"), seed))
+    paths = {name: out / name for name in ("train", "heldout", "floor")}
+    for name, records, s in plan:
         report = write_phantom_cohort(paths[name], records, seed=s, spacing_mm=spacing_mm, workers=workers,
                                       progress=False)
         if report.failed:
@@ -71,13 +78,14 @@ def make_cohorts(out: Path, n_train: int, n_test: int, seed: int, spacing_mm: fl
     return paths
 
 
-def stage_configs(lowres_yaml: Path, superres_yaml: Path, out: Path, cohort: Path,
+def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Path,
                   steps: int | None) -> tuple[LowresConfig, SRConfig]:
-    """The two presets pointed at this benchmark's cohort and run folders (``steps`` overrides both stages)."""
+    """The two presets pointed at this benchmark's cohort and run folders ``runs/{lowres,superres}``
+    (``steps`` overrides both stages)."""
     low = to_dict(load_config(lowres_yaml, LowresConfig))
     sr = to_dict(load_config(superres_yaml, SRConfig))
-    low["run_dir"], low["data"]["cohort"] = str(out / "runs" / "lowres"), str(cohort)
-    sr["run_dir"], sr["data"]["cohort"], sr["lowres_config"] = str(out / "runs" / "superres"), str(cohort), \
+    low["run_dir"], low["data"]["cohort"] = str(runs / "lowres"), str(cohort)
+    sr["run_dir"], sr["data"]["cohort"], sr["lowres_config"] = str(runs / "superres"), str(cohort), \
         str(lowres_yaml)
     for cfg in (low, sr):
         if steps:
@@ -158,7 +166,8 @@ def markdown(rows, slopes, checks, info: dict) -> str:
            f"Training cohort {info['n_train']} phantoms; held-out reference {info['n_test']} phantoms; "
            f"generated = the cascade on the held-out demographics; noise floor = phantoms of the same "
            f"demographics, another seed. {info['spacing_mm']:g} mm grid. Presets {info['presets']}, "
-           f"{info['steps']} training steps; device {info['device']}; times {info['times']}.", "",
+           f"{info['steps']} training steps; seeds: {info['seeds']}; device {info['device']}; "
+           f"times {info['times']}.", "",
            "Δ % = 100·(cohort − reference)/reference; p = Welch; Δ/SE = difference in standard errors.", "",
            "| measure | subgroup | reference (n) | generated | Δ % | p | Δ/SE | noise floor | Δ % | p | Δ/SE |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -246,21 +255,32 @@ def _timed(times: dict, name: str, fn):
 @click.option("--steps", default=None, type=click.IntRange(1), metavar="N",
               help="Training steps of each stage [the presets'].")
 @click.option("--seed", default=0, type=click.IntRange(0), metavar="S",
-              help="Cohort seed (train S, test S+1, floor S+2).")
+              help="Seed of the training cohort and the training runs.")
+@click.option("--heldout-seed", default=None, type=click.IntRange(0), metavar="H",
+              help="Seed of the held-out cohort (floor: H+1) and of generation  [S+1; generation S].")
+@click.option("--runs-from", default=None, type=click.Path(file_okay=False, exists=True), metavar="DIR",
+              help="Evaluate the trained stages in DIR/{lowres,superres} (an earlier benchmark's runs/) "
+                   "instead of training: the same models on another held-out cohort.")
 @click.option("--device", default="auto", metavar="DEV")
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
-def main(out, train_subjects, subjects, lowres_config, superres_config, steps, seed, device, batch, quiet):
+def main(out, train_subjects, subjects, lowres_config, superres_config, steps, seed, heldout_seed, runs_from, device,
+         batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out, times = Path(out), {}
-    low_cfg, sr_cfg = stage_configs(Path(lowres_config), Path(superres_config), out, out / "train", steps)
+    gen_seed = seed if heldout_seed is None else heldout_seed
+    heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
+    runs = Path(runs_from) if runs_from else out / "runs"
+    low_cfg, sr_cfg = stage_configs(Path(lowres_config), Path(superres_config), runs, out / "train", steps)
     spacing = low_cfg.in_plane_mm
-    paths = _timed(times, "phantoms", lambda: make_cohorts(out, train_subjects, subjects, seed, spacing, 2))
-    _timed(times, "train lowres", lambda: train_lowres(low_cfg, device=device, progress=not quiet))
-    _timed(times, "train superres", lambda: train_superres(sr_cfg, device=device, progress=not quiet))
+    paths = _timed(times, "phantoms", lambda: make_cohorts(out, train_subjects, subjects, seed, heldout_seed,
+                                                           spacing, 2, train=not runs_from))
+    if not runs_from:
+        _timed(times, "train lowres", lambda: train_lowres(low_cfg, device=device, progress=not quiet))
+        _timed(times, "train superres", lambda: train_superres(sr_cfg, device=device, progress=not quiet))
     report = _timed(times, "generate", lambda: generate_cascade_cohort(
-        low_cfg.run_dir, sr_cfg.run_dir, paths["heldout"] / "demographics.csv", out / "generated", seed=seed,
+        low_cfg.run_dir, sr_cfg.run_dir, paths["heldout"] / "demographics.csv", out / "generated", seed=gen_seed,
         batch=batch, device=device, previews=False, progress=not quiet))
     if report.failed:
         raise SystemExit(f"generation failed for {len(report.failed)} subjects: {next(iter(report.failed.values()))}")
@@ -269,6 +289,8 @@ def main(out, train_subjects, subjects, lowres_config, superres_config, steps, s
                                                     min_volume_ml=50.0, preview_subjects=4, overwrite=True,
                                                     progress=False))
     info = {"n_train": train_subjects, "n_test": subjects, "spacing_mm": spacing, "device": device,
+            "seeds": f"training {seed}, held-out {heldout_seed}, floor {heldout_seed + 1}, generation {gen_seed}"
+                     + (f"; trained stages from {runs}" if runs_from else ""),
             "presets": f"{Path(lowres_config).name} + {Path(superres_config).name}",
             "steps": f"{low_cfg.loop.steps} + {sr_cfg.loop.steps}",
             "times": ", ".join(f"{k} {v}" for k, v in times.items())}
