@@ -23,10 +23,10 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import sha256_file
 from .files import atomic_write_text
 
 FORMAT = 1
-_CHUNK = 1 << 20
 
 
 class ManifestError(ValueError):
@@ -35,14 +35,7 @@ class ManifestError(ValueError):
 
 def file_hash(path: str | os.PathLike) -> str | None:
     """SHA-256 of a file's content, or None when there is no such file."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path) if Path(path).is_file() else None
 
 
 def fingerprint(what: dict) -> str:
