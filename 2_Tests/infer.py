@@ -40,7 +40,9 @@ def _replace(cfg, **values):
               help="SR sampler steps [default: the checkpoint's].")
 @click.option("--solver", type=click.Choice(["heun", "euler"]),
               help="Sampler of both stages [default: the checkpoints'].")
-@click.option("--churn", type=click.FloatRange(0.0), metavar="S", help="EDM stochastic churn [default: 0].")
+@click.option("--churn", type=click.FloatRange(0.0), metavar="S",
+              help="EDM stochastic churn S of both stages, γ = min(S / steps, √2 − 1) per step "
+                   "[default: the checkpoints'].")
 @click.option("--sr-cond-noise", type=click.FloatRange(0.0, 2.0), metavar="S",
               help="Conditioning-augmentation level added to the generated LR before super-resolution "
                    "[default: the SR checkpoint's sample.cond_noise].")

@@ -6,7 +6,9 @@
 
 Offline: the model weights must already be on this machine (the script checks before it starts and
 says where they are looked for and how to install them). Usage statistics are switched off. Rerunning
-resumes: subjects that already have labels are left alone unless --overwrite.
+resumes: a subject is left alone when labels/manifest.json shows its labels were made from this very CT
+with the same model, ROI and TotalSegmentator version; otherwise it is segmented again. A labels/ folder
+this script did not write (a phantom's truth, preprocessing's labels) is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from libs.evaluation.segment import PAPER_ROI, segment_cohort
               help="Comma-separated TotalSegmentator 'total' classes to segment, or 'all'.")
 @click.option("--device", default="auto", metavar="DEV",
               help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")
-@click.option("--overwrite", is_flag=True, help="Segment subjects that already have labels again.")
+@click.option("--overwrite", is_flag=True,
+              help="Segment every subject again; also replace labels this script did not write.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(cohort, fast, roi, device, overwrite, quiet):
     """Run TotalSegmentator (Python API) on every CT of a cohort, resumably and without network access."""

@@ -38,6 +38,16 @@ def file_hash(path: str | os.PathLike) -> str | None:
     return sha256_file(path) if Path(path).is_file() else None
 
 
+def file_stamp(path: str | os.PathLike) -> list[int] | None:
+    """[size, modification time in ns] of a file, or None when there is none: the cheap proof of change
+    for large source files (a DICOM tree, a data release) that would be slow to hash on every rerun."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def fingerprint(what: dict) -> str:
     """SHA-256 of a JSON-able description of what produced an output (key order does not matter)."""
     text = json.dumps(what, sort_keys=True, default=str, separators=(",", ":"))

@@ -11,8 +11,10 @@ from .checkpoint import latest_checkpoint
 from .config import ConfigError, dump_yaml, load_config, override, to_dict
 from .files import atomic_write_text
 
-# Sections that fix what a checkpoint means; changing them under an existing run is refused.
-FROZEN_SECTIONS = ("data", "model", "diffusion", "in_plane_mm")
+# Sections that fix what a checkpoint means; changing them under an existing run is refused. The sampler
+# is among them: checkpoints record it as inference's default, so a changed one would be silently ignored
+# by a run that is already complete (infer.py's --steps-*/--solver/--churn change it per job instead).
+FROZEN_SECTIONS = ("data", "model", "diffusion", "in_plane_mm", "sample")
 _FREE_DATA_KEYS = ("cohort", "cache_dir", "load_workers")     # where the data lives may change
 
 

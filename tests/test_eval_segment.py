@@ -169,5 +169,46 @@ def test_real_totalsegmentator_path_offline_with_fake_weights(tmp_path):
     assert set(np.unique(subject.labels.array)) == {label_id("liver")}
     config = json.loads((home / "config.json").read_text())
     assert config["send_usage_stats"] is False
-    again = run_offline(home, "--cohort", str(cohort.root), "--quiet")
+    again = run_offline(home, "--cohort", str(cohort.root), "--roi", "spleen,liver", "--device", "cpu", "--quiet")
     assert again.returncode == 0 and "0 segmented, 1 already labelled" in again.stdout, again.stdout
+
+
+def test_labels_are_reused_only_when_made_from_this_ct_with_these_settings(tmp_path, monkeypatch):
+    """Issue 13 (found beyond its list): labels were reused because a file existed, even after the CT
+    changed.  TotalSegmentator itself is replaced by a thresholding stand-in; the bookkeeping is real."""
+    import libs.evaluation.segment as seg
+    from libs.manifest import ManifestError
+    from libs.volumes import Volume, read_volume
+
+    seen = []
+
+    def fake_segment(ct_path, segmenter):
+        seen.append(segmenter.roi)
+        ct = read_volume(ct_path, "ct")
+        return Volume(np.where(ct.array > 0, label_id("liver"), 0).astype(np.uint8), ct.affine)
+
+    monkeypatch.setattr(seg, "prepare", lambda fast, roi, device: seg.Segmenter(fast, seg.check_roi(roi), "cpu"))
+    monkeypatch.setattr(seg, "segment_ct", fake_segment)
+    cohort = tiny_cohort(tmp_path / "coh")
+
+    def run(root=cohort.root, roi=("liver",), **kw):
+        return seg.segment_cohort(root, roi=roi, device="cpu", progress=False, **kw)
+
+    assert run().written == ["t1"]
+    assert run().skipped == ["t1"] and len(seen) == 1
+    assert run(roi=("liver", "spleen")).written == ["t1"], "labels of another ROI lack organs"
+    ct = np.full((12, 12, 12), -1000, np.int16)
+    ct[4:8, 4:8, :] = 40                                     # the CT changes: a smaller body
+    cohort.write_subject("t1", ct, np.ones(ct.shape, np.float32), centered_affine(ct.shape, 8.0))
+    assert run(roi=("liver", "spleen")).written == ["t1"]
+    assert (cohort.load("t1").labels.array > 0).sum() == 4 * 4 * 12, "labels follow the new CT"
+    # labels this job did not write (a phantom's truth, preprocessing's) are refused, --overwrite replaces them
+    other = tiny_cohort(tmp_path / "other")
+    truth = np.zeros((12, 12, 12), np.uint8)
+    other.write_subject("t1", ct, np.ones(ct.shape, np.float32), centered_affine(ct.shape, 8.0), truth)
+    with pytest.raises(ManifestError, match="--overwrite"):
+        run(other.root)
+    assert (other.load("t1").labels.array == 0).all(), "refused before anything was written"
+    assert run(other.root, overwrite=True).written == ["t1"]
+    with pytest.raises(EvaluationError, match="expected auto"):
+        seg.segment_cohort(cohort.root, roi=("liver",), device="tpu", progress=False)

@@ -214,6 +214,8 @@ def test_cli_train_and_generate_end_to_end(cohort_dir, tmp_path):
     assert ckpt.is_file() and (tmp_path / "run" / "config.yaml").is_file()
     again = _run("1_Trainings/train_lowres.py", "--config", str(cfg), "--quiet", "--set", "model.model_channels=16")
     assert again.returncode != 0 and "other model settings" in again.stderr
+    sampler = _run("1_Trainings/train_lowres.py", "--config", str(cfg), "--quiet", "--set", "sample.churn=3")
+    assert sampler.returncode != 0 and "other sample settings" in sampler.stderr, "the checkpoints keep the old one"
 
     demo = tmp_path / "demo.csv"
     demo.write_text("subject_id,height_m,weight_kg,sex,age_years\nsynA,1.62,55,F,30\n"

@@ -162,3 +162,33 @@ def test_failure_messages_lose_paths_but_keep_folder_words():
     out = scrub(msg)
     assert "Doe" not in out and "1960" not in out and "second" not in out
     assert out == "no labels/ folder for <path> (see <path> step 2 first"
+
+
+def test_crop_and_labels_redo_subjects_whose_inputs_changed(work, tmp_path):
+    """Issue 13 (found beyond its list): labels and cropped subjects were reused because their files existed,
+    even after the work CT, SUV or given segmentation changed."""
+    import shutil
+
+    from libs.manifest import ManifestError
+    from libs.preprocess.crop import CropSettings, crop_cohort
+    from libs.preprocess.segment import segment_work
+
+    root, labels_in, affine_in = work
+    shutil.copytree(root / "work", tmp_path / "work")
+    shutil.copytree(root / "seg", tmp_path / "seg")
+    wd, settings = WorkDir(tmp_path / "work"), CropSettings(spacing_mm=4.0, size=48, margin=3)
+    assert segment_work(wd.root, tmp_path / "seg", overwrite=True, progress=False).written == ["ph01"]
+    assert segment_work(wd.root, tmp_path / "seg", progress=False).complete == ["ph01"]
+    assert crop_cohort(wd.root, tmp_path / "cohort", settings, progress=False).written == ["ph01"]
+    assert crop_cohort(wd.root, tmp_path / "cohort", settings, progress=False).complete == ["ph01"]
+    before = read_volume(tmp_path / "cohort" / "suv" / "ph01.nii.gz", "suv").array.max()
+    suv = read_volume(wd.path("suv", "ph01"), "suv")
+    write_volume(wd.path("suv", "ph01"), suv.array * 2.0, suv.affine, "suv")          # e.g. a corrected dose
+    assert crop_cohort(wd.root, tmp_path / "cohort", settings, progress=False).written == ["ph01"]
+    after = read_volume(tmp_path / "cohort" / "suv" / "ph01.nii.gz", "suv").array.max()
+    assert after == pytest.approx(2.0 * before, rel=1e-4)
+    write_volume(tmp_path / "seg" / "ph01.nii.gz", np.zeros_like(labels_in), affine_in, "labels")
+    assert segment_work(wd.root, tmp_path / "seg", progress=False).written == ["ph01"], "the given labels changed"
+    assert not read_volume(wd.path("labels", "ph01"), "labels").array.any()
+    with pytest.raises(ManifestError, match="--overwrite"):
+        crop_cohort(wd.root, wd.root / "meta", settings, progress=False)       # a folder of other files

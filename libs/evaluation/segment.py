@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from ..cohort import Cohort
 from ..labels import total_class_map
+from ..manifest import Manifest, claim, file_hash, fingerprint, manifest_path, read_manifest
 from ..volumes import Volume, read_volume, write_volume
 from .errors import EvaluationError, SegmenterWeightsError
 
@@ -48,6 +49,7 @@ CROP_TASK_ID = 298                      # python_api.totalsegmentator: roi_subse
 CROP_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 PLANS = "nnUNetPlans"
 CHECKPOINT = "checkpoint_final.pth"
+SEGMENT_JOB = "segment"        # the manifest job of 3_Evaluations/1_segment.py (<cohort>/labels/manifest.json)
 SEARCH_ORDER = ("TOTALSEG_WEIGHTS_PATH, else $TOTALSEG_HOME_DIR/nnunet/results, "
                 "else ~/.totalsegmentator/nnunet/results")
 
@@ -134,6 +136,13 @@ def check_weights(fast: bool, roi: tuple[str, ...]) -> None:
         f"internet run `pip install TotalSegmentator=={get_version()} && totalseg_download_weights -t "
         f"{_download_task_name({m.task_id for m in models})}`, then copy ~/.totalsegmentator/nnunet/results/"
         f"{globbed} into {root} (or set TOTALSEG_WEIGHTS_PATH to a folder holding them).")
+
+
+def totalsegmentator_version() -> str:
+    """The installed TotalSegmentator's version (part of what made a label file)."""
+    from totalsegmentator.config import get_version
+
+    return str(get_version())
 
 
 def choose_device(device: str = "auto") -> str:
@@ -279,29 +288,43 @@ def has_labels(cohort: Cohort, subject_id: str) -> bool:
 
 def segment_cohort(cohort_dir: str | Path, fast: bool = True, roi=PAPER_ROI, device: str = "auto",
                    overwrite: bool = False, progress: bool = True) -> SegmentReport:
-    """Write ``labels/<id>.nii.gz`` for every CT of a cohort (resumable: labelled subjects are skipped).
+    """Write ``labels/<id>.nii.gz`` for every CT of a cohort.
 
-    Weights are checked before the first subject; a failing subject is reported and the others go on.
+    Resumable: a subject is skipped when its labels are whole and ``labels/manifest.json`` says they were
+    made from this very CT (content hash) with the same model, ROI and TotalSegmentator version; otherwise
+    it is segmented again.  Labels this job did not write (a phantom's truth, preprocessing's) are refused
+    unless ``overwrite``.  Weights are checked before the first subject; a failing subject is reported and
+    the others go on.
     """
     cohort, report, start = Cohort(cohort_dir), SegmentReport(), time.perf_counter()
     if not cohort.demographics_path.is_file():
         raise EvaluationError(f"{cohort.demographics_path}: not found; is {cohort_dir} a cohort directory?")
     roi = check_roi(roi)
-    todo = []
+    choose_device(device)                             # a bad --device is refused even when nothing is to do
+    labels_dir = cohort.root / "labels"
+    found = manifest_path(labels_dir, folder=True)
+    manifest = read_manifest(found, SEGMENT_JOB) or Manifest(found, SEGMENT_JOB)      # read only until the check
+    version, keyed, todo = totalsegmentator_version(), {}, []
     for demo in cohort.demographics():
-        if not overwrite and has_labels(cohort, demo.subject_id):
-            report.skipped.append(demo.subject_id)
+        sid = demo.subject_id
+        keyed[sid] = fingerprint({"ct": file_hash(cohort.path("ct", sid)), "fast": fast, "roi": sorted(roi),
+                                  "totalsegmentator": version})
+        if not overwrite and manifest.current(sid, keyed[sid]) and has_labels(cohort, sid):
+            report.skipped.append(sid)
         else:
-            todo.append(demo.subject_id)
+            todo.append(sid)
     if not todo:
         report.seconds = time.perf_counter() - start
         return report
-    segmenter = prepare(fast, roi, device)
+    segmenter = prepare(fast, roi, device)            # weights checked before anything is written
+    manifest = claim(labels_dir, SEGMENT_JOB, folder=True, overwrite=overwrite)
     report.device = segmenter.device
     for sid in tqdm(todo, desc="TotalSegmentator", unit="subj", disable=not progress):
         try:
+            manifest.forget(sid)
             labels = segment_ct(cohort.path("ct", sid), segmenter)
             write_volume(cohort.path("labels", sid), labels.array, labels.affine, "labels")
+            manifest.record(sid, keyed[sid])
             report.written.append(sid)
         except SegmenterWeightsError:
             raise

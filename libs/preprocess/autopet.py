@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +26,14 @@ import numpy as np
 import pydicom
 
 from ..demographics import Demographics, DemographicsError
+from ..manifest import claim, code_version, file_stamp, fingerprint
 from ..volumes import read_volume
 from .convert import finish
 from .dicom_io import subject_id_for
 from .errors import PreprocessError, SkipStudy
-from .jobs import JobReport, run_jobs
+from .jobs import JobReport, pending, run_jobs
 from .patient import age_years
-from .work import WorkDir
+from .work import WORK_JOB, WorkDir
 
 _SUBJECT_COLS = ("subject id", "subject_id", "subject", "patient id", "patient")
 _STUDY_COLS = ("study date", "study_date", "study")
@@ -136,18 +138,23 @@ def import_autopet(root, out, metadata_csv, demographics_csv=None, dicom_root=No
         body = _read_csv(demographics_csv)
         key = _column(body, ("study", "subject id", "subject_id"), demographics_csv)
         body_rows = {r[key]: r for r in body}
-    work, report, tasks = WorkDir(out), JobReport(), []
-    work.root.mkdir(parents=True, exist_ok=True)
-    for study in find_studies(root, salt):
-        if not overwrite and work.is_done(study.subject_id):
-            report.complete.append(study.subject_id)
-            continue
+    work, report, args, keyed = WorkDir(out), JobReport(), {}, {}
+    studies = find_studies(root, salt)
+    manifest = claim(work.root, WORK_JOB, folder=True, overwrite=overwrite)
+    code = code_version(sys.modules[__name__])
+    for study in studies:
         try:
-            args = (study, str(out), _metadata_row(study, rows, subj_col, study_col),
-                    _body(study, body_rows, dicom_root))
+            row, height_weight = _metadata_row(study, rows, subj_col, study_col), _body(study, body_rows, dicom_root)
         except SkipStudy as exc:
             report.skipped[study.subject_id] = str(exc)
+            manifest.forget(study.subject_id)
             continue
-        tasks.append((study.subject_id, args))
-    run_jobs(tasks, import_study, workers, "AutoPET NIfTI", progress, report)
-    return finish(work, report)
+        folder = Path(study.folder)
+        args[study.subject_id] = (study, str(out), row, height_weight)
+        keyed[study.subject_id] = fingerprint({"ct": file_stamp(folder / "CT.nii.gz"), "row": row,
+                                               "suv": file_stamp(folder / "SUV.nii.gz"),
+                                               "height_weight": height_weight, "code": code})
+    todo = pending(keyed, manifest, work.is_done, overwrite, report)
+    run_jobs([(sid, args[sid]) for sid in todo], import_study, workers, "AutoPET NIfTI", progress, report,
+             manifest, keyed)
+    return finish(work, report, manifest)

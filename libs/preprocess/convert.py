@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..manifest import Manifest, claim, code_version, file_stamp, fingerprint
+from . import dicom_io, dicomtime, patient
+from . import suv as suv_module
 from .dicom_io import StudyFiles, pick_series, read_stack, rescaled, scan_studies, to_ras
 from .errors import PreprocessError, SkipStudy
-from .jobs import JobReport, run_jobs, write_skipped_csv
+from .jobs import JobReport, pending, run_jobs, write_skipped_csv
 from .patient import demographics, weight_kg
 from .suv import suv_scale
-from .work import WorkDir
+from .work import WORK_JOB, WorkDir
 
 INT16 = (-32768, 32767)
 
@@ -45,26 +49,29 @@ def convert_study(study: StudyFiles, out: str | os.PathLike) -> str:
     return study.subject_id
 
 
-def finish(work: WorkDir, report: JobReport) -> JobReport:
-    """Write skipped.csv and the work directory's demographics.csv after a batch."""
+def finish(work: WorkDir, report: JobReport, manifest: Manifest) -> JobReport:
+    """Write skipped.csv and the work directory's demographics.csv (the studies the manifest holds as
+    current) after a batch."""
     write_skipped_csv(work.skipped_path, report)
-    work.rebuild_demographics()
+    work.rebuild_demographics(set(manifest.entries))
     return report
 
 
 def convert_studies(studies: list[StudyFiles], out: str | os.PathLike, workers: int = 1, overwrite: bool = False,
                     progress: bool = True) -> JobReport:
-    """Convert ``studies`` (resumable: complete ones are kept unless ``overwrite``)."""
+    """Convert ``studies`` (resumable: a study is kept when its output is whole and the work directory's
+    manifest says it was made from these very files — same names, sizes and times — by this code; unless
+    ``overwrite``).  A folder holding files of anything else is refused."""
     work, report = WorkDir(out), JobReport()
-    work.root.mkdir(parents=True, exist_ok=True)
-    tasks = []
-    for study in studies:
-        if not overwrite and work.is_done(study.subject_id):
-            report.complete.append(study.subject_id)
-        else:
-            tasks.append((study.subject_id, (study, str(out))))
-    run_jobs(tasks, convert_study, workers, "DICOM → NIfTI", progress, report)
-    return finish(work, report)
+    manifest = claim(work.root, WORK_JOB, folder=True, overwrite=overwrite)
+    code = code_version(sys.modules[__name__], dicom_io, dicomtime, patient, suv_module)
+    keyed = {s.subject_id: fingerprint({"files": sorted((f, file_stamp(f)) for series in s.series.values()
+                                                        for f in series.files), "code": code}) for s in studies}
+    by_id = {s.subject_id: s for s in studies}
+    todo = pending(keyed, manifest, work.is_done, overwrite, report)
+    run_jobs([(sid, (by_id[sid], str(out))) for sid in todo], convert_study, workers, "DICOM → NIfTI", progress,
+             report, manifest, keyed)
+    return finish(work, report, manifest)
 
 
 def convert_tree(raw: str | os.PathLike, out: str | os.PathLike, workers: int = 1, salt: str = "",

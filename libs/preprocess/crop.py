@@ -18,6 +18,7 @@ The output affine follows every step, so world coordinates stay those of the sca
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,13 +27,15 @@ from scipy import ndimage
 from ..cohort import Cohort
 from ..demographics import read_demographics_csv, write_demographics_csv
 from ..labels import label_id
+from ..manifest import claim, code_version, file_hash, fingerprint
 from ..volumes import Volume, read_volume
 from .errors import PreprocessError, SkipStudy
-from .jobs import JobReport, run_jobs, write_skipped_csv
+from .jobs import JobReport, pending, run_jobs, write_skipped_csv
 from .work import WorkDir
 
 TOP_LANDMARKS = ("clavicula_left", "clavicula_right", "scapula_left", "scapula_right")
 BOTTOM_LANDMARKS = ("hip_left", "hip_right", "sacrum")
+CROP_JOB = "crop"              # the manifest job of 3_crop_and_resample.py (<cohort>/manifest.json)
 CT_OUTSIDE_FOV_HU = -1024.0
 CT_BACKGROUND_HU = -1000
 
@@ -149,15 +152,16 @@ def crop_cohort(work_root: str | os.PathLike, cohort_root: str | os.PathLike, se
     if not work.demographics_path.is_file():
         raise PreprocessError(f"{work.demographics_path}: not found; run 1_dicom_to_nifti.py first")
     records = read_demographics_csv(work.demographics_path)
-    tasks = []
-    for rec in records:
-        if not overwrite and cohort.is_complete(rec.subject_id, labels=True):
-            report.complete.append(rec.subject_id)
-        else:
-            tasks.append((rec.subject_id, (str(work_root), str(cohort_root), rec.subject_id, settings)))
-    cohort.root.mkdir(parents=True, exist_ok=True)
-    run_jobs(tasks, crop_subject, workers, "crop + resample", progress, report)
-    done = [r for r in records if cohort.is_complete(r.subject_id, labels=True)]
+    manifest = claim(cohort.root, CROP_JOB, folder=True, overwrite=overwrite)
+    code = code_version(sys.modules[__name__])
+    keyed = {r.subject_id: fingerprint({"demographics": asdict(r), "settings": asdict(settings), "code": code,
+                                        **{k: file_hash(work.path(k, r.subject_id)) for k in ("ct", "suv", "labels")}})
+             for r in records}
+    todo = pending(keyed, manifest, lambda sid: cohort.is_complete(sid, labels=True), overwrite, report)
+    tasks = [(sid, (str(work_root), str(cohort_root), sid, settings)) for sid in todo]
+    run_jobs(tasks, crop_subject, workers, "crop + resample", progress, report, manifest, keyed)
+    done = [r for r in records if manifest.current(r.subject_id, keyed[r.subject_id])
+            and cohort.is_complete(r.subject_id, labels=True)]
     if done:
         write_demographics_csv(cohort.demographics_path, done)
     write_skipped_csv(cohort.root / "skipped.csv", report)

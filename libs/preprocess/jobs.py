@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..files import atomic_write_text
+from ..manifest import Manifest
 from .errors import SkipStudy
 
 # a token with a path separator followed by more characters ("/data/Doe^John/ct", "a\\b"); a bare
@@ -49,10 +50,26 @@ def _init_worker() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _record(report: JobReport, key: str, call) -> None:
+def pending(keyed: dict[str, str], manifest: Manifest, done, overwrite: bool, report: JobReport) -> list[str]:
+    """The keys of ``keyed`` (key → fingerprint of its inputs and settings) that must be (re)made.
+
+    A key is complete — counted in ``report.complete`` — only when its output is whole (``done(key)``) and the
+    manifest says it was made from exactly these inputs and settings; ``overwrite`` redoes every key."""
+    todo = []
+    for key, fp in keyed.items():
+        if not overwrite and manifest.current(key, fp) and done(key):
+            report.complete.append(key)
+        else:
+            todo.append(key)
+    return todo
+
+
+def _record(report: JobReport, key: str, call, manifest: Manifest | None = None, fp: str | None = None) -> None:
     try:
         call()
         report.written.append(key)
+        if manifest is not None:
+            manifest.record(key, fp)
     except SkipStudy as exc:
         report.skipped[key] = str(exc)
     except Exception as exc:  # noqa: BLE001 - one subject's failure is reported, the others go on
@@ -60,22 +77,30 @@ def _record(report: JobReport, key: str, call) -> None:
 
 
 def run_jobs(tasks: list[tuple[str, tuple]], fn, workers: int = 1, desc: str = "subjects",
-             progress: bool = True, report: JobReport | None = None) -> JobReport:
+             progress: bool = True, report: JobReport | None = None, manifest: Manifest | None = None,
+             fingerprints: dict[str, str] | None = None) -> JobReport:
     """Call ``fn(*args)`` for every ``(key, args)``; :class:`SkipStudy` → skipped, other exceptions → failed.
 
-    ``fn`` must be a module-level function when ``workers > 1`` (it runs in worker processes)."""
+    With a ``manifest``, each key's entry is dropped before its task runs and set to ``fingerprints[key]``
+    once the task has written it.  ``fn`` must be a module-level function when ``workers > 1`` (it runs in
+    worker processes)."""
     report = report or JobReport()
     start = time.perf_counter()
+    fps = fingerprints or {}
+    if manifest is not None and any(key in manifest.entries for key, _ in tasks):
+        for key, _ in tasks:          # until rewritten, an old output is not current
+            manifest.entries.pop(key, None)
+        manifest.save()
     bar = tqdm(total=len(tasks), desc=desc, unit="subj", disable=not progress or not tasks)
     if workers <= 1 or len(tasks) <= 1:
         for key, args in tasks:
-            _record(report, key, lambda args=args: fn(*args))
+            _record(report, key, lambda args=args: fn(*args), manifest, fps.get(key))
             bar.update()
     else:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
             futures = {pool.submit(fn, *args): key for key, args in tasks}
             for fut in as_completed(futures):
-                _record(report, futures[fut], fut.result)
+                _record(report, futures[fut], fut.result, manifest, fps.get(futures[fut]))
                 bar.update()
     bar.close()
     report.seconds += time.perf_counter() - start

@@ -16,6 +16,7 @@ from ..files import atomic_write_text
 from ..volumes import write_volume
 
 SKIPPED_FILE = "skipped.csv"
+WORK_JOB = "preprocess"        # the manifest job of 1_dicom_to_nifti.py and 1b_import_autopet_nifti.py
 
 
 class WorkDir(Cohort):
@@ -45,20 +46,22 @@ class WorkDir(Cohort):
         atomic_write_text(self.path("meta", sid), json.dumps(meta, indent=2, sort_keys=True) + "\n")
         write_volume(self.path("ct", sid), ct[0], ct[1], "ct")
 
-    def collected_demographics(self) -> list[Demographics]:
-        """Demographics of every complete study, from the meta sidecars (sorted by id)."""
+    def collected_demographics(self, keep: set[str] | None = None) -> list[Demographics]:
+        """Demographics of every complete study (of those in ``keep`` when given), from the meta sidecars
+        (sorted by id)."""
         records = []
         meta_dir = self.root / "meta"
         for path in sorted(meta_dir.glob("*.json")) if meta_dir.is_dir() else []:
             sid = path.name[:-len(".json")]
-            if self.is_done(sid):
+            if (keep is None or sid in keep) and self.is_done(sid):
                 records.append(Demographics(**json.loads(path.read_text(encoding="utf-8"))["demographics"]))
         return records
 
-    def rebuild_demographics(self) -> int:
-        """Rewrite ``demographics.csv`` from the complete studies; returns their number."""
-        records = self.collected_demographics()
-        if records:
+    def rebuild_demographics(self, keep: set[str] | None = None) -> int:
+        """Rewrite ``demographics.csv`` from the complete studies (those in ``keep`` when given); returns
+        their number."""
+        records = self.collected_demographics(keep)
+        if records or self.demographics_path.is_file():      # a table of withdrawn studies is emptied
             write_demographics_csv(self.demographics_path, records)
         return len(records)
 
