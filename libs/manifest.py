@@ -106,6 +106,17 @@ def read_manifest(path: Path, job: str) -> Manifest | None:
         return None
 
 
+def pending(keyed: dict[str, str], manifest: Manifest, done, overwrite: bool = False) -> tuple[list[str], list[str]]:
+    """Split the keys of ``keyed`` (key → fingerprint of its inputs and settings) into (complete, to do).
+
+    A key is complete only when its output is whole (``done(key)``) and the manifest says it was made from
+    exactly these inputs and settings; ``overwrite`` redoes every key."""
+    complete, todo = [], []
+    for key, fp in keyed.items():
+        (complete if not overwrite and manifest.current(key, fp) and done(key) else todo).append(key)
+    return complete, todo
+
+
 def claim(output: str | os.PathLike, job: str, folder: bool, overwrite: bool = False) -> Manifest:
     """The manifest of ``job`` for ``output`` (a cohort folder or a table file), written before the job
     writes anything, after checking that the job may write there.

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..cohort import Cohort
 from ..labels import total_class_map
-from ..manifest import Manifest, claim, file_hash, fingerprint, manifest_path, read_manifest
+from ..manifest import Manifest, claim, file_hash, fingerprint, manifest_path, pending, read_manifest
 from ..volumes import Volume, read_volume, write_volume
 from .errors import EvaluationError, SegmenterWeightsError
 
@@ -304,15 +304,10 @@ def segment_cohort(cohort_dir: str | Path, fast: bool = True, roi=PAPER_ROI, dev
     labels_dir = cohort.root / "labels"
     found = manifest_path(labels_dir, folder=True)
     manifest = read_manifest(found, SEGMENT_JOB) or Manifest(found, SEGMENT_JOB)      # read only until the check
-    version, keyed, todo = totalsegmentator_version(), {}, []
-    for demo in cohort.demographics():
-        sid = demo.subject_id
-        keyed[sid] = fingerprint({"ct": file_hash(cohort.path("ct", sid)), "fast": fast, "roi": sorted(roi),
-                                  "totalsegmentator": version})
-        if not overwrite and manifest.current(sid, keyed[sid]) and has_labels(cohort, sid):
-            report.skipped.append(sid)
-        else:
-            todo.append(sid)
+    settings = {"fast": fast, "roi": sorted(roi), "totalsegmentator": totalsegmentator_version()}
+    keyed = {d.subject_id: fingerprint({"ct": file_hash(cohort.path("ct", d.subject_id)), **settings})
+             for d in cohort.demographics()}
+    report.skipped, todo = pending(keyed, manifest, lambda sid: has_labels(cohort, sid), overwrite)
     if not todo:
         report.seconds = time.perf_counter() - start
         return report

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..files import atomic_write_text
 from ..manifest import Manifest
+from ..manifest import pending as split_pending
 from .errors import SkipStudy
 
 # a token with a path separator followed by more characters ("/data/Doe^John/ct", "a\\b"); a bare
@@ -51,16 +52,9 @@ def _init_worker() -> None:
 
 
 def pending(keyed: dict[str, str], manifest: Manifest, done, overwrite: bool, report: JobReport) -> list[str]:
-    """The keys of ``keyed`` (key → fingerprint of its inputs and settings) that must be (re)made.
-
-    A key is complete — counted in ``report.complete`` — only when its output is whole (``done(key)``) and the
-    manifest says it was made from exactly these inputs and settings; ``overwrite`` redoes every key."""
-    todo = []
-    for key, fp in keyed.items():
-        if not overwrite and manifest.current(key, fp) and done(key):
-            report.complete.append(key)
-        else:
-            todo.append(key)
+    """The keys to (re)make (:func:`libs.manifest.pending`); the complete ones go to ``report.complete``."""
+    complete, todo = split_pending(keyed, manifest, done, overwrite)
+    report.complete.extend(complete)
     return todo
 
 
