@@ -27,7 +27,7 @@ from .generate import (
     subject_seed,
 )
 from .intensity import unit_to_ct, unit_to_suv
-from .lowres import HeightLaw, SampleConfig, Standardize
+from .lowres import HeightLaw, SampleConfig, Standardize, standardize_demographics
 from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
 from .superres import (
     AUG_CHANNEL_SCALE,
@@ -91,7 +91,7 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
     if sample.cond_noise > 0:                  # conditioning augmentation at a fixed level (its own stream)
         noise = torch.randn(lr_net.shape[1:], generator=per_sample_generators([seed], stream=2)[0])
         up = upsample(lr_net + sample.cond_noise * noise[None].to(device), f)
-    demo_vec = torch.from_numpy(demo.encode()).to(device)
+    demo_vec = standardize_demographics(torch.from_numpy(demo.encode()), model.normalization).to(device)
     size = list(window.size or model.config.data.patch)
     level = sample.cond_noise / AUG_CHANNEL_SCALE
 

@@ -30,7 +30,7 @@ from .diffusion import Denoiser
 from .ema import PowerFunctionEMA
 from .files import atomic_write_text
 from .intensity import CT_BACKGROUND_HU, unit_to_ct, unit_to_suv
-from .lowres import LowresConfig, SampleConfig, Standardize, expand_cond
+from .lowres import LowresConfig, SampleConfig, Standardize, expand_cond, standardize_demographics
 from .manifest import ManifestError, claim, fingerprint
 from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
 from .volumes import centered_affine
@@ -46,6 +46,7 @@ class Model:
     sha256: str
     step: int
     standardize: Standardize
+    normalization: dict = field(default_factory=dict)    # the checkpoint's record (demographic scaling)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -88,7 +89,8 @@ def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool =
     build its network in eval mode."""
     path, ckpt, cfg, net = load_stage(path, LowresConfig, 4, device, ema)
     std = Standardize.from_record(ckpt["normalization"], cfg.diffusion.sigma_data)
-    return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, Path(path), sha256_file(path), int(ckpt["step"]), std)
+    return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, Path(path), sha256_file(path), int(ckpt["step"]), std,
+                 ckpt["normalization"])
 
 
 def subject_seed(seed: int, subject_id: str, stage: int = 0) -> int:
@@ -103,7 +105,8 @@ def sample_lowres(model: Model, records: list[Demographics], seeds: list[int], s
                   device: torch.device, progress: bool = False) -> torch.Tensor:
     """Low-resolution samples (B, 2, X, Y, Z) in [0, 1] (channel 0 CT, 1 PET) for ``records``."""
     shape = model.config.sample_shape
-    cond = expand_cond(torch.from_numpy(encode_many(records)), shape).to(device)
+    cond = expand_cond(standardize_demographics(torch.from_numpy(encode_many(records)), model.normalization), shape)
+    cond = cond.to(device)
     sigmas = karras_sigmas(sample.steps, sample.sigma_min, sample.sigma_max, sample.rho, device=device)
     x = initial_noise((2, *shape), seeds, sample.sigma_max, device=device)
     solver = sample_heun if sample.solver == "heun" else sample_euler

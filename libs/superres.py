@@ -38,8 +38,11 @@ from .lowres import (
     SamplerSettings,
     Standardize,
     channel_stats,
+    demographic_scaling,
     expand_cond,
+    init_demographic_scaling,
     normalization,
+    standardize_demographics,
 )
 from .nn import count_parameters
 from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
@@ -187,8 +190,10 @@ class ResidualPatches:
     the LR region gets Gaussian noise of that level before upsampling (the target keeps the clean LR).
     """
 
-    def __init__(self, volumes: CohortVolumes, pairing: Pairing, patch, standardize: Standardize):
+    def __init__(self, volumes: CohortVolumes, pairing: Pairing, patch, standardize: Standardize,
+                 cond_scaling: dict | None = None):
         self.volumes, self.pairing, self.patch, self.std = volumes, pairing, tuple(patch), standardize
+        self.cond = standardize_demographics(volumes.cond, cond_scaling or {})     # (N, 4) as the network sees it
         self.lr_shape = tuple(g // pairing.factor for g in pairing.grid)
 
     def draw(self, rng: np.random.Generator, aug_level: float = 0.0,
@@ -208,7 +213,7 @@ class ResidualPatches:
             up = upsample(lr_clean + aug_level * noise, f)[(0, slice(None), *hr_sl)]
         sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
         residual = self.std.to_net(vol[(slice(None), *sl)][None].float())[0] - up_clean
-        demo = expand_cond(self.volumes.cond[i:i + 1], self.patch)[0]
+        demo = expand_cond(self.cond[i:i + 1], self.patch)[0]
         level = torch.full((1, *self.patch), aug_level / AUG_CHANNEL_SCALE)
         cond = torch.cat([up, demo, position_channels(start, self.patch, grid), level])
         return residual, cond
@@ -250,11 +255,12 @@ def residual_scaling(norm: dict) -> Standardize:
     return Standardize([0.0, 0.0], norm["residual_std"], float(norm["sigma_data"]))
 
 
-def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, residual_std) -> dict:
+def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, residual_std, cond_scaling: dict | None = None
+                     ) -> dict:
     lowres_like = LowresConfig(in_plane_mm=pairing.in_plane_mm, height_law=pairing.height_law)
     lowres_like.data.grid, lowres_like.data.factor = list(pairing.grid), pairing.factor
     lowres_like.diffusion.sigma_data = pairing.net_sigma
-    return {**normalization(lowres_like, mean, std), "net_sigma": pairing.net_sigma,
+    return {**normalization(lowres_like, mean, std, cond_scaling), "net_sigma": pairing.net_sigma,
             "sigma_data": cfg.diffusion.sigma_data, "residual_std": [float(v) for v in residual_std],
             "patch": list(cfg.data.patch),
             "cond": ["up(lr) ct", "up(lr) pet", "demographics x4", "position x/X", "position y/Y", "position z/Z",
@@ -270,17 +276,19 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
     torch.manual_seed(cfg.loop.seed)
     net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
     residual_std = cfg.diffusion.residual_std
+    scaling = demographic_scaling(volumes.cond) if cfg.model.standardize_demographics else {}
     if cfg.loop.init_from:            # its constants hold for the whole run, resumed or not
         from .generate import load_init_weights
         init = load_init_weights(cfg.loop.init_from, "superres", net)
         mean, std, residual_std = init["channel_mean"], init["channel_std"], init["residual_std"]
+        scaling = init_demographic_scaling(init, cfg.model.standardize_demographics, cfg.loop.init_from)
         if progress and not has_checkpoint(cfg.run_dir):
             print(f"super-res: starting from {cfg.loop.init_from} (its normalization constants)")
     # the SR stage sees intensities standardized exactly like its low-res stage (same cohort statistics)
     standardize = Standardize(mean, std, pairing.net_sigma)
-    patches = ResidualPatches(volumes, pairing, cfg.data.patch, standardize)
+    patches = ResidualPatches(volumes, pairing, cfg.data.patch, standardize, scaling)
     residual_std = residual_std or measure_residual_std(patches, cfg.diffusion.sigma_data_samples, cfg.loop.seed)
-    norm = sr_normalization(cfg, pairing, mean, std, residual_std)
+    norm = sr_normalization(cfg, pairing, mean, std, residual_std, scaling)
     scale = residual_scaling(norm)
     net.check_input(torch.zeros(1, 2, *cfg.data.patch), torch.zeros(1), torch.zeros(1, COND_CHANNELS, *cfg.data.patch))
 
