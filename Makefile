@@ -41,7 +41,7 @@ demo: $(STAMP)
 	@echo "(make figures copies the README's figures into Resource/)"
 
 # The demo's starting weights: the closed-loop fidelity benchmark trains both stages from scratch on 240
-# phantoms (bench presets, seed 0; about 62 minutes on 2 cores), then the EMA weights are exported.
+# phantoms (bench presets, seed 0; about 80 minutes on 2 cores), then the EMA weights are exported.
 demo-weights: $(STAMP)
 	$(PY) bench/fidelity.py --out $(WEIGHTS_BUILD) --quiet
 	mkdir -p Resource/demo_weights
