@@ -44,7 +44,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from libs.cascade import generate_cascade_cohort  # noqa: E402
+from libs.cohort import Cohort  # noqa: E402
 from libs.config import load_config, to_dict  # noqa: E402
+from libs.evaluation.measures import region_mask  # noqa: E402
 from libs.evaluation.report import run_comparison  # noqa: E402
 from libs.evaluation.tables import read_csv  # noqa: E402
 from libs.lowres import LowresConfig, train_lowres  # noqa: E402
@@ -56,6 +58,10 @@ CONFIGS = ROOT / "1_Trainings" / "configs"
 MEASURES = ("volume_ml", "length_mm", "fat_volume_ml", "lung_volume_ml", "suv_mean", "ct_roughness_hu")
 SUBGROUPS = ("sex=F", "sex=M", "age<=65", "age>65")
 SLOPES = (("volume_ml", "weight_kg"), ("fat_volume_ml", "weight_kg"), ("length_mm", "height_m"))
+ORGANS = ("liver", "heart", "kidneys", "spleen")                    # the paper's organ table
+ORGAN_MEASURES = ("volume_ml", "suv_mean", "suv_max")
+CONSISTENCY_ORGANS = ("liver", "spleen", "kidneys", "heart")
+ORGAN_TARGET_PCT = 10.0                     # issue 14: organ volume and SUVmean within ±10 % (or 2 SE) per sex
 COHORTS = ("generated", "floor")          # compared against the held-out reference
 TARGET_PCT, ROUGHNESS_RATIO, SLOPE_PCT = 5.0, 1.3, 25.0
 
@@ -93,10 +99,10 @@ def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Pa
     return load_config(low, LowresConfig, origin=str(lowres_yaml)), load_config(sr, SRConfig, origin=str(superres_yaml))
 
 
-def comparison_cells(path: Path) -> dict:
-    """comparison.csv → {(measure, subgroup, cohort): row} for the body region."""
+def comparison_cells(path: Path, region: str = "body") -> dict:
+    """comparison.csv → {(measure, subgroup, cohort): row} for one region."""
     _, rows = read_csv(path, text_columns=("region", "measure", "subgroup", "cohort", "role"))
-    return {(r["measure"], r["subgroup"], r["cohort"]): r for r in rows if r["region"] == "body"}
+    return {(r["measure"], r["subgroup"], r["cohort"]): r for r in rows if r["region"] == region}
 
 
 def response_cells(path: Path) -> dict:
@@ -111,15 +117,16 @@ def diff_se(row: dict, ref: dict) -> float:
     return (row["mean"] - ref["mean"]) / se if se > 0 else math.nan
 
 
-def summary_rows(cells: dict, names: dict) -> list[dict]:
+def summary_rows(cells: dict, names: dict, measures=MEASURES, region: str = "body") -> list[dict]:
     """One row per measure × subgroup: reference, then Δ %, Welch p and Δ/SE of each compared cohort."""
     rows = []
-    for m in MEASURES:
+    for m in measures:
         for g in SUBGROUPS:
             ref = cells.get((m, g, names["heldout"]))
-            if ref is None:
+            if ref is None or any((m, g, names[c]) not in cells for c in COHORTS):
                 continue
-            row = {"measure": m, "subgroup": g, "n_ref": ref["n"], "ref_mean": ref["mean"], "ref_sd": ref["sd"]}
+            row = {"region": region, "measure": m, "subgroup": g, "n_ref": ref["n"], "ref_mean": ref["mean"],
+                   "ref_sd": ref["sd"]}
             for c in COHORTS:
                 r = cells[(m, g, names[c])]
                 row |= {f"{c}_mean": r["mean"], f"{c}_sd": r["sd"], f"{c}_pct": r["pct_diff"],
@@ -157,11 +164,93 @@ def targets(rows: list[dict], slopes: list[dict], cohort: str) -> dict:
             "significant": sum(r[f"{cohort}_p"] < 0.05 for r in rows), "comparisons": len(rows)}
 
 
+def organ_rows(comparison_csv: Path, names: dict) -> list[dict]:
+    """The organ table (issue 14): volume, SUVmean, SUVmax of the paper's organs per sex and age group; empty
+    when the generated cohort has no labels."""
+    rows = []
+    for organ in ORGANS:
+        rows += summary_rows(comparison_cells(comparison_csv, organ), names, ORGAN_MEASURES, organ)
+    return rows
+
+
+def organ_targets(rows: list[dict], cohort: str) -> dict:
+    """Issue 14's targets for one cohort: organ volume and SUVmean per sex within ±10 % or 2 SE; the count of
+    Welch-significant comparisons among the sex rows (the paper's layout)."""
+    sex = [r for r in rows if r["subgroup"].startswith("sex")]
+    main = [r for r in sex if r["measure"] in ("volume_ml", "suv_mean")]
+    ok = [abs(r[f"{cohort}_pct"]) <= ORGAN_TARGET_PCT or abs(r[f"{cohort}_se"]) <= 2.0 for r in main]
+    return {"within": sum(ok), "total": len(ok), "significant": sum(r[f"{cohort}_p"] < 0.05 for r in sex),
+            "comparisons": len(sex)}
+
+
+def hu_consistency(reference: Path, cohorts: dict[str, Path]) -> list[dict]:
+    """Image–label consistency: per organ, the reference cohort's central 95 % HU range inside its labels, and
+    the fraction of each cohort's label voxels whose HU lies in that range (mean over subjects)."""
+
+    def volumes(root: Path):
+        cohort = Cohort(root)
+        for d in cohort.demographics():
+            subject = cohort.load(d, labels=True)
+            if subject.labels is not None:
+                yield subject.ct.array, subject.labels.array
+
+    ref_hu = {o: [] for o in CONSISTENCY_ORGANS}
+    for ct, lab in volumes(reference):
+        for o in CONSISTENCY_ORGANS:
+            ref_hu[o].append(ct[region_mask(lab, o)])
+    ranges = {o: tuple(np.percentile(np.concatenate(v), [2.5, 97.5])) for o, v in ref_hu.items()
+              if sum(a.size for a in v)}
+    out = []
+    for name, root in {"reference": reference, **cohorts}.items():
+        frac = {o: [] for o in ranges}
+        for ct, lab in volumes(root):
+            for o, (lo, hi) in ranges.items():
+                hu = ct[region_mask(lab, o)]
+                if hu.size:
+                    frac[o].append(float(((hu >= lo) & (hu <= hi)).mean()))
+        for o, (lo, hi) in ranges.items():
+            out.append({"cohort": name, "organ": o, "hu_low": float(lo), "hu_high": float(hi),
+                        "subjects": len(frac[o]), "in_range": float(np.mean(frac[o])) if frac[o] else math.nan})
+    return out
+
+
 def _f(v: float, digits: int = 1) -> str:
     return "–" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.{digits}f}"
 
 
-def markdown(rows, slopes, checks, info: dict) -> str:
+def organ_markdown(rows: list[dict], checks: dict, consistency: list[dict]) -> list[str]:
+    """The organ section of the report (issue 14)."""
+    out = ["## Organs: generated labels vs the held-out phantoms' ground truth", "",
+           "| organ | measure | subgroup | reference (n) | generated | Δ % | p | Δ/SE | noise floor | Δ % | p | Δ/SE |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        digits = 0 if r["measure"] == "volume_ml" else 2
+        cells = [f"{_f(r['ref_mean'], digits)} ± {_f(r['ref_sd'], digits)} ({r['n_ref']})"]
+        for c in COHORTS:
+            cells += [f"{_f(r[f'{c}_mean'], digits)} ± {_f(r[f'{c}_sd'], digits)}", _f(r[f"{c}_pct"]),
+                      _f(r[f"{c}_p"], 3), _f(r[f"{c}_se"])]
+        out.append(f"| {r['region']} | {r['measure']} | {r['subgroup']} | " + " | ".join(cells) + " |")
+    g, f = checks["generated"], checks["floor"]
+    out += ["", "Targets (issue 14): organ volume and SUVmean per sex within ±10 % or 2 SE; at most 3 "
+            "Welch-significant sex comparisons.", "", "| | generated | noise floor |", "|---|---|---|",
+            f"| organ volume / SUVmean within target | {g['within']}/{g['total']} | {f['within']}/{f['total']} |",
+            f"| sex comparisons at p < 0.05 | {g['significant']}/{g['comparisons']} | {f['significant']}/"
+            f"{f['comparisons']} |", ""]
+    if consistency:
+        out += ["Image–label consistency: the fraction of each organ's label voxels whose HU lies in the reference "
+                "cohort's central 95 % HU range for that organ (mean over subjects); the mean HU and SUV inside "
+                "the labels are the hu_mean / suv_mean rows of comparison/comparison.md.", "",
+                "| organ | reference HU range | reference | generated | noise floor |", "|---|---|---|---|---|"]
+        for organ in dict.fromkeys(c["organ"] for c in consistency):
+            by = {c["cohort"]: c for c in consistency if c["organ"] == organ}
+            ref = by["reference"]
+            out.append(f"| {organ} | {ref['hu_low']:.0f} … {ref['hu_high']:.0f} HU | " + " | ".join(
+                _f(by[n]["in_range"], 3) if n in by else "–" for n in ("reference", "generated", "floor")) + " |")
+        out.append("")
+    return out
+
+
+def markdown(rows, slopes, checks, info: dict, organs: list[str] | None = None) -> str:
     out = ["# Closed-loop fidelity benchmark", "",
            f"Training cohort {info['n_train']} phantoms; held-out reference {info['n_test']} phantoms; "
            f"generated = the cascade on the held-out demographics; noise floor = phantoms of the same "
@@ -197,7 +286,7 @@ def markdown(rows, slopes, checks, info: dict) -> str:
             f"| body volume vs weight slope Δ % | {_f(g['volume_slope_pct'])} | {_f(f['volume_slope_pct'])} |",
             f"| comparisons at p < 0.05 | {g['significant']}/{g['comparisons']} | {f['significant']}/"
             f"{f['comparisons']} |", ""]
-    return "\n".join(out)
+    return "\n".join(out + (organs or []))
 
 
 def figure(path: Path, rows: list[dict]) -> Path:
@@ -224,16 +313,24 @@ def figure(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_outputs(out: Path, comp: Path, info: dict) -> tuple[dict, list[dict]]:
+def write_outputs(out: Path, comp: Path, info: dict, paths: dict | None = None) -> tuple[dict, list[dict]]:
+    """fidelity.md / .csv / .png and previews.png; with labels in the generated cohort, the organ section
+    (and ``organs`` in the returned checks)."""
     names = {"heldout": "heldout", "generated": "generated", "floor": "floor"}
     rows = summary_rows(comparison_cells(comp / "comparison.csv"), names)
     slopes = slope_rows(response_cells(comp / "response.csv"), names)
     checks = {c: targets(rows, slopes, c) for c in COHORTS}
-    (out / "fidelity.md").write_text(markdown(rows, slopes, checks, info), encoding="utf-8")
+    organs = organ_rows(comp / "comparison.csv", names)
+    section = None
+    if organs:
+        checks["organs"] = {c: organ_targets(organs, c) for c in COHORTS}
+        consistency = hu_consistency(paths["heldout"], {c: paths[c] for c in COHORTS}) if paths else []
+        section = organ_markdown(organs, checks["organs"], consistency)
+    (out / "fidelity.md").write_text(markdown(rows, slopes, checks, info, section), encoding="utf-8")
     with open(out / "fidelity.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(rows + organs)
     figure(out / "fidelity.png", rows)
     shutil.copyfile(comp / "figures" / "previews.png", out / "previews.png")
     return checks, rows
@@ -294,14 +391,17 @@ def main(out, train_subjects, subjects, lowres_config, superres_config, steps, s
             "presets": f"{Path(lowres_config).name} + {Path(superres_config).name}",
             "steps": f"{low_cfg.loop.steps} + {sr_cfg.loop.steps}",
             "times": ", ".join(f"{k} {v}" for k, v in times.items())}
-    checks, _ = write_outputs(out, comp, info)
+    checks, _ = write_outputs(out, comp, info, paths | {"generated": out / "generated"})
     g, f = checks["generated"], checks["floor"]
     print(f"{out}/fidelity.md: body measures within target {g['body_within']}/{g['body_total']} (floor "
           f"{f['body_within']}/{f['body_total']}), worst |Δ| {g['worst_body_pct']:.1f} % (floor "
           f"{f['worst_body_pct']:.1f} %), roughness ratio {'/'.join(f'{q:.2f}' for q in g['roughness_ratio'])}, "
           f"volume-weight slope Δ {g['volume_slope_pct']:+.0f} % (floor {f['volume_slope_pct']:+.0f} %), "
           f"p<0.05 {g['significant']}/{g['comparisons']} (floor {f['significant']}/{f['comparisons']}); "
-          f"{', '.join(f'{k} {v}' for k, v in times.items())}")
+          + (f"organs within target {o['within']}/{o['total']} (floor {of['within']}/{of['total']}), organ p<0.05 "
+             f"{o['significant']}/{o['comparisons']} (floor {of['significant']}/{of['comparisons']}); "
+             if (o := checks.get("organs", {}).get("generated")) and (of := checks["organs"]["floor"]) else "")
+          + f"{', '.join(f'{k} {v}' for k, v in times.items())}")
 
 
 if __name__ == "__main__":

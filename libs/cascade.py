@@ -12,12 +12,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .channels import ChannelSet
 from .checkpoint import load_checkpoint, sha256_file
 from .demographics import Demographics
 from .diffusion import Denoiser
 from .generate import (
     Model,
     _meta,
+    decode_labels,
+    labels_meta,
     load_lowres_model,
     load_stage,
     pick_device,
@@ -31,7 +34,6 @@ from .lowres import HeightLaw, SampleConfig, Standardize, standardize_demographi
 from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
 from .superres import (
     AUG_CHANNEL_SCALE,
-    COND_CHANNELS,
     SRConfig,
     SRSampleConfig,
     WindowConfig,
@@ -62,6 +64,10 @@ class SRModel:
         return int(self.normalization["factor"])
 
     @property
+    def channels(self) -> ChannelSet:
+        return ChannelSet.from_record(self.normalization)
+
+    @property
     def residual(self) -> Standardize:
         """Standardized residual ↔ network residual (per-channel SD σ_data)."""
         return residual_scaling(self.normalization)
@@ -69,7 +75,7 @@ class SRModel:
 
 def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> SRModel:
     """Load a super-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint)."""
-    path, ckpt, cfg, net = load_stage(path, SRConfig, COND_CHANNELS, device, ema)
+    path, ckpt, cfg, net = load_stage(path, SRConfig, "superres", device, ema)
     norm = ckpt["normalization"]
     residual_scaling(norm)                           # refuse checkpoints without per-channel residual scales
     sigma = float(norm["sigma_data"])
@@ -80,13 +86,14 @@ def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = Tru
 @torch.no_grad()
 def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int, sample: SRSampleConfig,
               window: WindowConfig, device: torch.device, progress: bool = False) -> torch.Tensor:
-    """One subject: LR sample (2, x, y, z) in [0, 1] → full-grid volume (2, X, Y, Z) in [0, 1].
+    """One subject: LR sample (C, x, y, z) in [0, 1] → full-grid volume (C, X, Y, Z) in [0, 1] (C: the channel
+    set the two stages share: CT, PET and any one-hot label channels).
 
     Every denoiser evaluation covers the whole grid with overlapping windows, ``window.batch`` at a time.
     """
     grid, f = model.grid, model.factor
     lr_net = model.standardize.to_net(lr_u[None].float().to(device))
-    up_clean = upsample(lr_net, f)                                                       # (1, 2, X, Y, Z)
+    up_clean = upsample(lr_net, f)                                                       # (1, C, X, Y, Z)
     up = up_clean
     if sample.cond_noise > 0:                  # conditioning augmentation at a fixed level (its own stream)
         noise = torch.randn(lr_net.shape[1:], generator=per_sample_generators([seed], stream=2)[0])
@@ -106,7 +113,7 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
 
     sigma_max = sample.sigma_max_ratio * model.sigma_data
     sigmas = karras_sigmas(sample.steps, sample.sigma_min, sigma_max, sample.rho, device=device)
-    x = initial_noise((2, *grid), [seed], sigma_max, device=device)
+    x = initial_noise((lr_net.shape[1], *grid), [seed], sigma_max, device=device)
     solver = sample_heun if sample.solver == "heun" else sample_euler
     gens = per_sample_generators([seed], stream=1, device=device) if sample.churn > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
@@ -125,7 +132,8 @@ class _NullContext:
 
 def restore_length(u: torch.Tensor, height_m: float, law: HeightLaw,
                    voxel_mm: float) -> tuple[torch.Tensor, np.ndarray]:
-    """Resample the z axis of (2, X, Y, Z) to the body length predicted from height (isotropic ``voxel_mm``).
+    """Resample the z axis of (C, X, Y, Z) to the body length predicted from height (isotropic ``voxel_mm``);
+    one-hot label channels are resampled like the images and decoded after, so organ edges stay smooth.
 
     The training grid stretched every body to Z slices; the law ``a · height_m + b`` slices of
     ``law.slice_mm`` gives the true length back.  Returns the volume and its RAS+ affine."""
@@ -136,14 +144,15 @@ def restore_length(u: torch.Tensor, height_m: float, law: HeightLaw,
 
 
 def to_physical_hr(u: torch.Tensor, demo: Demographics,
-                   model: SRModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Full-grid (2, X, Y, Z) in [0, 1] → CT (HU), SUV and affine at the cohort's voxel size, true length."""
+                   model: SRModel) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Full-grid (C, X, Y, Z) in [0, 1] → CT (HU), SUV, affine at the cohort's voxel size and true length, and
+    the label map (uint8 TotalSegmentator ids; None for a CT + PET model)."""
     law = HeightLaw(*model.normalization["height_law"])
     voxel = float(model.normalization["in_plane_mm"])
     u, affine = restore_length(u.cpu(), demo.height_m, law, voxel)
     ct = restore_background(unit_to_ct(u[0].numpy()))
     suv = unit_to_suv(u[1].numpy()).astype(np.float32)
-    return ct, suv, affine
+    return ct, suv, affine, decode_labels(u, model.channels)
 
 
 def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLike,
@@ -168,9 +177,9 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
             try:
                 sr_seed = subject_seed(seed, d.subject_id, stage=1)
                 hr = sample_sr(sr_model, lr_u, d, sr_seed, s_sr, win, dev)
-                ct, suv, affine = to_physical_hr(hr, d, sr_model)
+                ct, suv, affine, labels = to_physical_hr(hr, d, sr_model)
                 meta = _cascade_meta(d, s, sr_seed, s_lr, s_sr, win, lr_model, sr_model)
-                yield d, (ct, suv, affine, meta)
+                yield d, (ct, suv, affine, meta, labels)
             except Exception as exc:  # noqa: BLE001 - this subject fails alone
                 yield d, exc
 
@@ -180,11 +189,12 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
                 "sampler_superres": asdict(s_sr), "window": asdict(win), "lowres": lr_model.sha256,
                 "superres": sr_model.sha256, "ema": ema}
 
-    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance)
+    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance,
+                   labels=sr_model.channels.has_labels)
 
 
 def _cascade_meta(d, seed_lr, seed_sr, s_lr, s_sr, win, lr_model: Model, sr_model: SRModel) -> dict:
-    meta = _meta(d, seed_lr, s_lr, lr_model, {"stage": "cascade"})
+    meta = _meta(d, seed_lr, s_lr, lr_model, {"stage": "cascade", **labels_meta(sr_model.channels)})
     meta["seed_superres"] = seed_sr
     meta["sampler_superres"] = {**asdict(s_sr), "sigma_max": s_sr.sigma_max_ratio * sr_model.sigma_data}
     meta["window"] = asdict(win)

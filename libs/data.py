@@ -5,7 +5,9 @@ Each subject becomes one normalized volume ``(2, X, Y, Z)`` (channel 0 CT, chann
 fixed number of slices (the paper: 224 × 224 × 384 from 2 mm data).  The low-resolution stage trains on
 4× polyphase subsamples of it — every offset (ox, oy, oz) ∈ {0..3}³ is a distinct 56 × 56 × 96 sample —
 paired with the four demographic channels.  Volumes are cached in memory (float16) after the first
-load, optionally also on disk as ``.npy`` so a restart skips the NIfTI decoding.
+load, optionally also on disk as ``.npy`` so a restart skips the NIfTI decoding.  With organ-label channels
+(:class:`libs.channels.ChannelSet`) each subject also keeps its label volume as uint8 group indices on the
+same grid; a sample or patch is cut first and one-hot encoded after (:meth:`CohortVolumes.region`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .channels import ChannelSet
 from .cohort import Cohort
 from .demographics import Demographics, encode_many
 from .intensity import ct_to_unit, suv_to_unit
@@ -53,6 +56,33 @@ def normalized_volume(cohort: Cohort, demo: Demographics, grid: tuple[int, int, 
     return torch.stack([ct_to_unit(vol[0]), suv_to_unit(vol[1])]).to(torch.float16)
 
 
+def label_groups_volume(cohort: Cohort, demo: Demographics, grid: tuple[int, int, int],
+                        channels: ChannelSet) -> torch.Tensor:
+    """One subject's label volume → group indices (X, Y, Z) uint8 on ``grid`` (z by nearest neighbour, voxel
+    centres aligned as for the images' linear resampling)."""
+    from .volumes import read_volume
+    path = cohort.path("labels", demo.subject_id)
+    lab = read_volume(path, "labels")
+    ct_shape = tuple(int(v) for v in _header_shape(cohort.path("ct", demo.subject_id)))
+    if tuple(lab.shape) != ct_shape:
+        raise DataError(f"{path}: grid {tuple(lab.shape)} differs from the CT grid {ct_shape}")
+    groups = torch.from_numpy(channels.group_volume(lab.array))
+    if groups.shape[2] != grid[2]:
+        groups = F.interpolate(groups[None, None].float(), size=tuple(grid), mode="nearest-exact")[0, 0]
+    return groups.to(torch.uint8)
+
+
+def _header_shape(path: Path) -> tuple[int, ...]:
+    """The RAS+ ``[x, y, z]`` shape of a NIfTI file, from its header alone (as :func:`read_volume` reorients)."""
+    import nibabel as nib
+    img = nib.load(str(path))
+    axes = nib.orientations.io_orientation(img.affine)[:, 0].astype(int)
+    shape = [0, 0, 0]
+    for k in range(3):
+        shape[axes[k]] = int(img.shape[k])
+    return tuple(shape)
+
+
 def polyphase(volume: torch.Tensor, factor: int, offset: tuple[int, int, int]) -> torch.Tensor:
     """Every ``factor``-th voxel starting at ``offset``: ``(..., X, Y, Z)`` → ``(..., X/f, Y/f, Z/f)``."""
     ox, oy, oz = offset
@@ -68,7 +98,9 @@ class CohortVolumes:
     """All subjects of a cohort as normalized training volumes, loaded once (threads) and kept in memory."""
 
     def __init__(self, cohort_dir: str | os.PathLike, grid, cache_dir: str | os.PathLike | None = None,
-                 workers: int = 4, progress: bool = True, in_plane_mm: float | None = None):
+                 workers: int = 4, progress: bool = True, in_plane_mm: float | None = None,
+                 channels: ChannelSet | None = None):
+        self.channels = channels or ChannelSet()
         self.cohort = Cohort(cohort_dir)
         if not self.cohort.demographics_path.is_file():
             raise DataError(f"{self.cohort.demographics_path}: not found; is {cohort_dir} a cohort directory?")
@@ -76,16 +108,30 @@ class CohortVolumes:
         self.grid = tuple(int(g) for g in grid)
         self.in_plane_mm = in_plane_mm
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        kinds = ("ct", "suv", "labels") if self.channels.has_labels else ("ct", "suv")
         for d in self.records:
-            for kind in ("ct", "suv"):
+            for kind in kinds:
                 if not self.cohort.path(kind, d.subject_id).is_file():
+                    why = " (the model generates organ labels: data.labels)" if kind == "labels" else ""
                     raise DataError(f"{self.cohort.path(kind, d.subject_id)}: missing (subject {d.subject_id} is "
-                                    f"listed in {self.cohort.demographics_path})")
+                                    f"listed in {self.cohort.demographics_path}){why}")
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             it = pool.map(self._load, self.records)
             self.volumes = list(tqdm(it, total=len(self.records), desc="loading cohort", unit="subj",
                                      disable=not progress))
+            self.labels = None
+            if self.channels.has_labels:
+                self.labels = list(pool.map(lambda d: label_groups_volume(self.cohort, d, self.grid, self.channels),
+                                            self.records))
         self.cond = torch.from_numpy(encode_many(self.records))
+
+    def region(self, i: int, index: tuple[slice, ...]) -> torch.Tensor:
+        """Subject ``i`` cut by ``index`` (three slices, any step): (C, ...) float32 in [0, 1] — CT, PET and,
+        with labels, the one-hot label channels of the channel set."""
+        image = self.volumes[i][(slice(None), *index)].float()
+        if self.labels is None:
+            return image
+        return torch.cat([image, self.channels.one_hot(self.labels[i][index])])
 
     def _load(self, demo: Demographics) -> torch.Tensor:
         if self.cache_dir is None:
@@ -124,12 +170,12 @@ class PolyphaseSamples:
         return tuple(g // self.factor for g in self.volumes.grid)
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 2, X/f, Y/f, Z/f) float32 in [0, 1] and demographics (B, 4) float32."""
-        per = self.factor**3
-        xs = [polyphase(self.volumes.volumes[i // per], self.factor, offset_of(i % per, self.factor))
+        """x (B, C, X/f, Y/f, Z/f) float32 in [0, 1] (C = the channel set's) and demographics (B, 4) float32."""
+        per, f = self.factor**3, self.factor
+        xs = [self.volumes.region(i // per, tuple(slice(o, None, f) for o in offset_of(i % per, f)))
               for i in indices]
         cond = self.volumes.cond[[i // per for i in indices]]
-        return torch.stack(xs).float(), cond
+        return torch.stack(xs), cond
 
 
 def batch_indices(step: int, batch: int, rank: int, world: int, n_items: int, seed: int) -> list[int]:

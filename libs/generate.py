@@ -22,6 +22,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from . import training
+from .channels import ChannelError, ChannelSet
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sha256_file, versions
 from .cohort import Cohort
 from .config import load_config
@@ -46,7 +47,11 @@ class Model:
     sha256: str
     step: int
     standardize: Standardize
-    normalization: dict = field(default_factory=dict)    # the checkpoint's record (demographic scaling)
+    normalization: dict = field(default_factory=dict)    # the checkpoint's record (channels, demographic scaling)
+
+    @property
+    def channels(self) -> ChannelSet:
+        return ChannelSet.from_record(self.normalization)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -62,16 +67,28 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_stage(path: str | os.PathLike, config_cls, cond_channels: int, device: torch.device, ema: bool):
-    """Checkpoint (``weights_only``; a run folder means its newest) → (path, checkpoint, config, network in eval
-    mode on ``device``, holding the first EMA's weights unless ``ema`` is False)."""
+def stage_channels(stage: str, norm: dict) -> tuple[int, int]:
+    """(input channels, conditioning channels) of a stage's network, from its checkpoint's normalization record."""
+    from .superres import sr_cond_channels
+    channels = ChannelSet.from_record(norm)
+    return channels.count, (sr_cond_channels(channels) if stage == "superres" else 4)
+
+
+def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.device, ema: bool):
+    """Checkpoint (``weights_only``; a run folder means its newest) of ``stage`` ('lowres' / 'superres') →
+    (path, checkpoint, config, network in eval mode on ``device``, holding the first EMA's weights unless
+    ``ema`` is False).  The network's channels follow the channel set the checkpoint records."""
     path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     for key in ("config", "model", "normalization", "step"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: not a complete TotalGen checkpoint (no {key!r})")
     cfg = load_config(ckpt["config"], config_cls, origin=f"{path} (config)")
-    net = cfg.model.build(in_channels=2, cond_channels=cond_channels)
+    try:
+        in_channels, cond_channels = stage_channels(stage, ckpt["normalization"])
+    except ChannelError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    net = cfg.model.build(in_channels=in_channels, cond_channels=cond_channels)
     try:
         net.load_state_dict(ckpt["model"])
         if ema and ckpt.get("ema"):
@@ -87,7 +104,7 @@ def load_stage(path: str | os.PathLike, config_cls, cond_channels: int, device: 
 def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> Model:
     """Load a low-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint) and
     build its network in eval mode."""
-    path, ckpt, cfg, net = load_stage(path, LowresConfig, 4, device, ema)
+    path, ckpt, cfg, net = load_stage(path, LowresConfig, "lowres", device, ema)
     std = Standardize.from_record(ckpt["normalization"], cfg.diffusion.sigma_data)
     return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, Path(path), sha256_file(path), int(ckpt["step"]), std,
                  ckpt["normalization"])
@@ -103,12 +120,13 @@ def subject_seed(seed: int, subject_id: str, stage: int = 0) -> int:
 @torch.no_grad()
 def sample_lowres(model: Model, records: list[Demographics], seeds: list[int], sample: SampleConfig,
                   device: torch.device, progress: bool = False) -> torch.Tensor:
-    """Low-resolution samples (B, 2, X, Y, Z) in [0, 1] (channel 0 CT, 1 PET) for ``records``."""
+    """Low-resolution samples (B, C, X, Y, Z) in [0, 1] for ``records`` (the model's channel set: CT, PET and
+    any one-hot label channels)."""
     shape = model.config.sample_shape
     cond = expand_cond(standardize_demographics(torch.from_numpy(encode_many(records)), model.normalization), shape)
     cond = cond.to(device)
     sigmas = karras_sigmas(sample.steps, sample.sigma_min, sample.sigma_max, sample.rho, device=device)
-    x = initial_noise((2, *shape), seeds, sample.sigma_max, device=device)
+    x = initial_noise((model.channels.count, *shape), seeds, sample.sigma_max, device=device)
     solver = sample_heun if sample.solver == "heun" else sample_euler
     gens = per_sample_generators(seeds, stream=1, device=device) if sample.churn > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
@@ -145,8 +163,23 @@ def restore_background(ct_hu: np.ndarray) -> np.ndarray:
     return out
 
 
+def decode_labels(u: torch.Tensor, channels: ChannelSet) -> np.ndarray | None:
+    """One sample (C, X, Y, Z) → its label map as uint8 TotalSegmentator ids (None for a CT + PET model)."""
+    if not channels.has_labels:
+        return None
+    return channels.to_total_ids(channels.decode(u[channels.labels].float().cpu()).numpy())
+
+
+def labels_meta(channels: ChannelSet) -> dict:
+    """What a generated subject's sidecar says about its labels."""
+    if not channels.has_labels:
+        return {}
+    return {"labels": {"source": "generated", "encoding": "one-hot channels decoded by argmax",
+                       "groups": channels.record()["label_groups"]}}
+
+
 def to_physical(u: torch.Tensor, demo: Demographics, cfg: LowresConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One sample (2, X, Y, Z) in [0, 1] → CT (HU), SUV and the RAS+ affine of its true grid.
+    """One sample (C, X, Y, Z) in [0, 1] → CT (HU), SUV and the RAS+ affine of its true grid.
 
     In-plane voxels are ``in_plane_mm × factor`` (8 mm for the paper); the z axis spans the body length
     predicted from height by the height law, so z spacing = length / slices."""
@@ -173,14 +206,14 @@ def _meta(demo: Demographics, seed: int, sample: SampleConfig, model: Model, ext
 
 
 def _pending(cohort: Cohort, records: list[Demographics], prints: dict[str, str], overwrite: bool,
-             report: JobReport) -> list[Demographics]:
+             report: JobReport, labels: bool = False) -> list[Demographics]:
     """Subjects to (re)generate: all with ``overwrite``; else those not complete under the job's own
     fingerprint.  A subject whose sidecar records another fingerprint (other demographics, seeds, settings or
     checkpoints) is refused with one line rather than silently kept or replaced."""
     todo, foreign = [], []
     for d in records:
         recorded = _recorded_fingerprint(cohort, d.subject_id)
-        if recorded == prints[d.subject_id] and not overwrite and cohort.is_complete(d.subject_id):
+        if recorded == prints[d.subject_id] and not overwrite and cohort.is_complete(d.subject_id, labels=labels):
             report.skipped.append(d.subject_id)
         elif recorded is None or recorded == prints[d.subject_id] or overwrite:
             todo.append(d)                   # new, or this job's own unfinished / truncated subject
@@ -220,11 +253,11 @@ def pick_device(device: str) -> torch.device:
 
 
 def run_job(demographics_csv: str | os.PathLike, out: str | os.PathLike, batch: int, overwrite: bool,
-            previews: bool, progress: bool, produce, provenance) -> JobReport:
+            previews: bool, progress: bool, produce, provenance, labels: bool = False) -> JobReport:
     """The cohort-job loop shared by low-res and cascade generation.
 
     ``produce(chunk)`` yields ``(demo, result)`` per subject of a chunk of up to ``batch`` subjects, where
-    ``result`` is ``(ct_hu, suv, affine, meta)`` or the exception that subject failed with.
+    ``result`` is ``(ct_hu, suv, affine, meta, labels | None)`` or the exception that subject failed with.
     ``provenance(demo)`` describes everything a subject's volumes depend on (demographics, seeds, sampler
     settings, checkpoint hashes); its :func:`libs.manifest.fingerprint` is stored in the subject's meta
     sidecar, which is written last (the completion marker).  The output folder is claimed first
@@ -241,7 +274,7 @@ def run_job(demographics_csv: str | os.PathLike, out: str | os.PathLike, batch: 
     prints = {d.subject_id: fingerprint(provenance(d)) for d in records}
     main = int(os.environ.get("RANK", "0")) == 0
     claim(out, "generate", folder=True, overwrite=overwrite and main)
-    todo = _pending(cohort, records, prints, overwrite, report)
+    todo = _pending(cohort, records, prints, overwrite, report, labels)
     if main and records:
         cohort.write_demographics(records)
     bar = tqdm(total=len(todo), desc="generating", unit="subj", disable=not progress or not todo)
@@ -251,7 +284,7 @@ def run_job(demographics_csv: str | os.PathLike, out: str | os.PathLike, batch: 
             for demo, result in produce(chunk):
                 done.add(demo.subject_id)
                 if not isinstance(result, Exception):
-                    result = (*result[:3], {**result[3], "fingerprint": prints[demo.subject_id]})
+                    result = (*result[:3], {**result[3], "fingerprint": prints[demo.subject_id]}, *result[4:])
                 _record(report, cohort, demo, result, previews)
                 bar.update()
         except Exception as exc:  # noqa: BLE001 - report the rest of the chunk, go on with the next one
@@ -276,13 +309,14 @@ def _record(report: JobReport, cohort: Cohort, demo: Demographics, result, previ
 
 
 def write_result(cohort: Cohort, demo: Demographics, ct: np.ndarray, suv: np.ndarray, affine: np.ndarray,
-                 meta: dict, previews: bool = True) -> None:
-    """Write one generated subject: volumes, preview, then the meta sidecar (marks the subject complete)."""
+                 meta: dict, labels: np.ndarray | None = None, previews: bool = True) -> None:
+    """Write one generated subject: volumes (and labels), preview, then the meta sidecar (marks the subject
+    complete)."""
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-    cohort.write_subject(demo.subject_id, ct, suv, affine, meta=None)
+    cohort.write_subject(demo.subject_id, ct, suv, affine, labels=labels, meta=None)
     if previews:
         from .previews import preview_sheet
-        preview_sheet(cohort.path("previews", demo.subject_id), demo, ct, suv, spacing)
+        preview_sheet(cohort.path("previews", demo.subject_id), demo, ct, suv, spacing, labels=labels)
     meta = {**meta, "shape": list(ct.shape), "spacing_mm": list(spacing)}
     atomic_write_text(cohort.path("meta", demo.subject_id), json.dumps(meta, indent=2) + "\n")
 
@@ -301,13 +335,15 @@ def generate_lowres_cohort(lowres: str | os.PathLike, demographics_csv: str | os
         u = sample_lowres(model, chunk, seeds, sample, dev)
         for d, s, ui in zip(chunk, seeds, u):
             ct, suv, affine = to_physical(ui, d, model.config)
-            yield d, (ct, suv, affine, _meta(d, s, sample, model, {"stage": "lowres"}))
+            meta = _meta(d, s, sample, model, {"stage": "lowres", **labels_meta(model.channels)})
+            yield d, (ct, suv, affine, meta, decode_labels(ui, model.channels))
 
     def provenance(d: Demographics) -> dict:
         return {"stage": "lowres", "demographics": asdict(d), "seed": subject_seed(seed, d.subject_id),
                 "sampler": asdict(sample), "lowres": model.sha256, "ema": ema}
 
-    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance)
+    return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance,
+                   labels=model.channels.has_labels)
 
 
 def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, ema: bool = True,
@@ -319,12 +355,12 @@ def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, em
     import safetensors.torch
 
     from .files import atomic_path
-    from .superres import COND_CHANNELS, SRConfig
+    from .superres import SRConfig
     path = resolve_checkpoint(ckpt)
     raw = load_checkpoint(path)
     stage = "superres" if "lowres_config" in raw["config"] else "lowres"
-    cls, cond = (SRConfig, COND_CHANNELS) if stage == "superres" else (LowresConfig, 4)
-    _, _, cfg, net = load_stage(path, cls, cond, torch.device("cpu"), ema)
+    cls = SRConfig if stage == "superres" else LowresConfig
+    _, _, cfg, net = load_stage(path, cls, stage, torch.device("cpu"), ema)
     meta = {"format": "totalgen-unet", "stage": stage, "weights": "ema" if ema else "model",
             "step": int(raw["step"]), "ema_sigma_rel": cfg.loop.ema_sigma_rels[0] if ema else None,
             "config": raw["config"], "normalization": raw["normalization"], "versions": raw["versions"],

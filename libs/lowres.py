@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .channels import DEFAULT_LABEL_GROUPS, ChannelSet, check_same_channels
 from .config import ConfigError, check_range, load_config, to_dict
 from .data import CohortVolumes, PolyphaseSamples, batch_indices
 from .diffusion import EDM2Loss
@@ -28,11 +29,22 @@ class DataConfig:
     factor: int = 4                       # polyphase factor: samples are grid / factor
     cache_dir: str | None = None          # optional .npy cache of normalized volumes
     load_workers: int = 4                 # threads decoding NIfTI files at start-up
+    # Organ-label channels generated with CT and PET (libs/channels.py): null = CT + PET only; "default" = the
+    # ten groups of libs.channels.DEFAULT_LABEL_GROUPS; or {group: [TotalSegmentator 'total' class names]}.
+    # The cohort must then have labels/ for every subject.
+    labels: str | dict[str, list[str]] | None = None
 
     def __post_init__(self):
         if len(self.grid) != 3:
             raise ValueError(f"grid must have 3 entries, got {self.grid}")
         check_range("factor", self.factor, low=1)
+        if isinstance(self.labels, str) and self.labels != "default":
+            raise ValueError(f"labels must be null, 'default' or a mapping group -> [class names], got {self.labels!r}")
+        _ = self.channel_set      # validates the class names against the installed TotalSegmentator
+
+    @property
+    def channel_set(self) -> ChannelSet:
+        return ChannelSet.from_groups(DEFAULT_LABEL_GROUPS if self.labels == "default" else self.labels)
 
 
 @dataclass
@@ -193,7 +205,8 @@ def normalization(cfg: LowresConfig, mean=None, std=None, cond_scaling: dict | N
     ``cond_scaling``, to feed the demographics as the network was trained)."""
     return {**(cond_scaling or {}), "channel_mean": mean, "channel_std": std,
             "ct_range_hu": [CT_MIN_HU, CT_MAX_HU], "suv_max": SUV_MAX, "pet_map": "log2(suv+1)/log2(26)",
-            "channels": ["ct", "pet"], "demographics": ["height_m-1", "(weight_kg-30)/100", "sex(M=1)", "age/100"],
+            **cfg.data.channel_set.record(),
+            "demographics": ["height_m-1", "(weight_kg-30)/100", "sex(M=1)", "age/100"],
             "grid": list(cfg.data.grid), "factor": cfg.data.factor, "in_plane_mm": cfg.in_plane_mm,
             "height_law": [cfg.height_law.a, cfg.height_law.b, cfg.height_law.slice_mm]}
 
@@ -215,19 +228,21 @@ def expand_cond(cond: torch.Tensor, shape) -> torch.Tensor:
 
 def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True) -> Path | None:
     """Train (or resume) the low-resolution model described by ``cfg``; returns the last checkpoint."""
+    channels = cfg.data.channel_set
     volumes = CohortVolumes(cfg.data.cohort, cfg.data.grid, cfg.data.cache_dir, cfg.data.load_workers, progress,
-                             cfg.in_plane_mm)
+                             cfg.in_plane_mm, channels)
     samples = PolyphaseSamples(volumes, cfg.data.factor)
     shape = samples.shape
     torch.manual_seed(cfg.loop.seed)                     # the same initial weights on every rank and rerun
-    net = cfg.model.build(in_channels=2, cond_channels=4)
-    net.check_input(torch.zeros(1, 2, *shape), torch.zeros(1), torch.zeros(1, 4, *shape))
+    net = cfg.model.build(in_channels=channels.count, cond_channels=4)
+    net.check_input(torch.zeros(1, channels.count, *shape), torch.zeros(1), torch.zeros(1, 4, *shape))
     seed = cfg.loop.seed
-    mean, std = channel_stats(volumes)
+    mean, std = channels.full_stats(*channel_stats(volumes))
     scaling = demographic_scaling(volumes.cond) if cfg.model.standardize_demographics else {}
     if cfg.loop.init_from:            # its constants hold for the whole run, resumed or not
         from .generate import load_init_weights
         init = load_init_weights(cfg.loop.init_from, "lowres", net)
+        check_same_channels(init, channels, cfg.loop.init_from)
         mean, std = init["channel_mean"], init["channel_std"]      # keep the constants the weights know
         scaling = init_demographic_scaling(init, cfg.model.standardize_demographics, cfg.loop.init_from)
         if progress and not has_checkpoint(cfg.run_dir):
@@ -244,6 +259,7 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
     trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm,
                       cfg.diffusion.sigma_data, device=device, progress=progress)
     if progress and trainer.dist.main:
-        print(f"low-res model: {count_parameters(net) / 1e6:.1f} M parameters, samples {shape}, "
+        print(f"low-res model: {count_parameters(net) / 1e6:.1f} M parameters, channels {channels.names}, "
+              f"samples {shape}, "
               f"{len(volumes)} subjects × {cfg.data.factor ** 3} offsets = {len(samples)} training samples")
     return trainer.run()

@@ -29,9 +29,21 @@ def _title(d: Demographics) -> str:
             f"{d.weight_kg:.0f} kg, BMI {d.bmi:.1f}")
 
 
+def draw_outlines(ax, labels_slice: np.ndarray, aspect: float) -> None:
+    """Outline each label id of a coronal ``[x, z]`` label slice on ``ax`` (one colour per id)."""
+    image = coronal(labels_slice)
+    ids = [int(v) for v in np.unique(image) if v != 0]
+    cmap = plt.get_cmap("tab20")
+    for k, idx in enumerate(ids):
+        ax.contour((image == idx).astype(np.float32), levels=[0.5], colors=[cmap(k % 20)], linewidths=0.6)
+    ax.set_aspect(aspect)
+
+
 def preview_sheet(path: str | os.PathLike, demo: Demographics, ct_hu: np.ndarray, suv: np.ndarray,
-                  spacing_mm: tuple[float, float, float], suv_max: float = 10.0) -> Path:
-    """Coronal CT slice (through the body's AP centre) + coronal PET MIP, demographics in the title."""
+                  spacing_mm: tuple[float, float, float], suv_max: float = 10.0,
+                  labels: np.ndarray | None = None) -> Path:
+    """Coronal CT slice (through the body's AP centre) + coronal PET MIP, demographics in the title; with
+    ``labels`` (TotalSegmentator ids, CT grid) the organ outlines of that slice are drawn over the CT."""
     body = ct_hu > -500
     ys = np.nonzero(body.any(axis=(0, 2)))[0]
     y_mid = int((ys[0] + ys[-1]) // 2) if ys.size else ct_hu.shape[1] // 2
@@ -39,7 +51,9 @@ def preview_sheet(path: str | os.PathLike, demo: Demographics, ct_hu: np.ndarray
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 5.2), dpi=110)
     axes[0].imshow(coronal(ct_hu[:, y_mid, :]), cmap="gray", vmin=-500, vmax=500, aspect=aspect,
                    interpolation="nearest")
-    axes[0].set_title("CT coronal (HU −500…500)", fontsize=8)
+    axes[0].set_title("CT coronal (HU −500…500)" + (", organ outlines" if labels is not None else ""), fontsize=8)
+    if labels is not None:
+        draw_outlines(axes[0], labels[:, y_mid, :], aspect)
     axes[1].imshow(coronal(suv.max(axis=1)), cmap="gray_r", vmin=0, vmax=suv_max, aspect=aspect,
                    interpolation="nearest")
     axes[1].set_title(f"PET MIP (SUV 0…{suv_max:g})", fontsize=8)

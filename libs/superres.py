@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .channels import ChannelSet, check_same_channels
 from .config import ConfigError, check_range, load_config, same_value, to_dict
 from .data import CohortVolumes, offset_of
 from .diffusion import EDM2Loss
 from .lowres import (
+    DataConfig,
     HeightLaw,
     LowresConfig,
     ModelConfig,
@@ -48,7 +50,12 @@ from .nn import count_parameters
 from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
 from .windows import lr_region, position_channels, upsample
 
-COND_CHANNELS = 2 + 4 + 3 + 1     # up(LR), demographics, position, augmentation level
+COND_CHANNELS = 2 + 4 + 3 + 1     # up(LR), demographics, position, augmentation level (CT + PET models)
+
+
+def sr_cond_channels(channels: ChannelSet) -> int:
+    """Conditioning channels of the SR network: up(LR) of every channel, demographics, position, level."""
+    return channels.count + 4 + 3 + 1
 AUG_CHANNEL_SCALE = 0.5          # the level channel holds s / 0.5 (s in network units of the LR)
 
 
@@ -71,13 +78,14 @@ class SRDiffusionConfig:
     P_mean: float = -0.4
     P_std: float = 1.0
     sigma_data: float = 0.5                # the SD each channel's residual is scaled to
-    residual_std: list[float] | None = None    # per-channel residual SD (CT, PET); None: measured (recommended)
+    residual_std: list[float] | None = None    # per-channel residual SD (CT, PET[, labels]); None: measured
     sigma_data_samples: int = 256          # random (subject, offset, patch) draws used for the measurement
 
     def __post_init__(self):
         check_range("sigma_data", self.sigma_data, low=0.0, low_inclusive=False)
-        if self.residual_std is not None and (len(self.residual_std) != 2 or min(self.residual_std) <= 0):
-            raise ValueError(f"residual_std must be two positive numbers (CT, PET), got {self.residual_std}")
+        if self.residual_std is not None and (len(self.residual_std) < 2 or min(self.residual_std) <= 0):
+            raise ValueError(f"residual_std must be positive numbers, one per channel (CT, PET[, labels]), got "
+                             f"{self.residual_std}")
         check_range("sigma_data_samples", self.sigma_data_samples, low=1)
 
 
@@ -142,11 +150,16 @@ class Pairing:
     in_plane_mm: float
     height_law: HeightLaw
     net_sigma: float          # the low-res stage's σ_data: the SD of standardized intensities
+    labels: str | dict | None = None      # the low-res stage's data.labels (the channel set both stages share)
 
     @staticmethod
     def of(lowres: LowresConfig) -> Pairing:
         return Pairing(tuple(lowres.data.grid), lowres.data.factor, lowres.in_plane_mm, lowres.height_law,
-                       lowres.diffusion.sigma_data)
+                       lowres.diffusion.sigma_data, lowres.data.labels)
+
+    @property
+    def channels(self) -> ChannelSet:
+        return DataConfig(labels=self.labels).channel_set
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +187,7 @@ def check_pairing(lowres_norm: dict, sr_norm: dict) -> None:
     """Refuse a low-res / SR checkpoint pair that disagrees on grid, factor, intensities, demographics or the
     height law."""
     keys = ("grid", "factor", "in_plane_mm", "ct_range_hu", "suv_max", "pet_map", "demographics", "channel_mean",
-            "channel_std", "height_law")
+            "channel_std", "height_law", "channels", "label_groups")
     bad = [k for k in keys if not same_value(lowres_norm.get(k), sr_norm.get(k))]
     if bad:
         raise ConfigError(f"the super-resolution checkpoint was trained for another low-res stage: {', '.join(bad)} "
@@ -202,17 +215,16 @@ class ResidualPatches:
         i = int(rng.integers(len(self.volumes)))
         offset = offset_of(int(rng.integers(f**3)), f)
         start = [int(rng.integers(g - p + 1)) for g, p in zip(grid, self.patch)]
-        vol = self.volumes.volumes[i]                                                  # (2, X, Y, Z) [0, 1]
         lr_sl, hr_sl = lr_region(start, self.patch, f, self.lr_shape)
         lr_idx = tuple(slice(o + s.start * f, o + (s.stop - 1) * f + 1, f) for o, s in zip(offset, lr_sl))
-        lr_clean = self.std.to_net(vol[(slice(None), *lr_idx)][None].float())         # (1, 2, region)
+        lr_clean = self.std.to_net(self.volumes.region(i, lr_idx)[None])               # (1, C, region)
         up_clean = upsample(lr_clean, f)[(0, slice(None), *hr_sl)]
         up = up_clean
         if aug_level > 0:
             noise = torch.from_numpy(aug_rng.standard_normal(lr_clean.shape, dtype=np.float32))
             up = upsample(lr_clean + aug_level * noise, f)[(0, slice(None), *hr_sl)]
         sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
-        residual = self.std.to_net(vol[(slice(None), *sl)][None].float())[0] - up_clean
+        residual = self.std.to_net(self.volumes.region(i, sl)[None])[0] - up_clean
         demo = expand_cond(self.cond[i:i + 1], self.patch)[0]
         level = torch.full((1, *self.patch), aug_level / AUG_CHANNEL_SCALE)
         cond = torch.cat([up, demo, position_channels(start, self.patch, grid), level])
@@ -231,11 +243,14 @@ class ResidualPatches:
 
 
 def measure_residual_std(patches: ResidualPatches, draws: int, seed: int) -> list[float]:
-    """Per-channel SD (CT, PET) of the residual r = HR − up(LR) over ``draws`` random patches (deterministic
-    for a seed)."""
+    """Per-channel SD of the residual r = HR − up(LR) over ``draws`` random patches (deterministic for a seed).
+
+    CT and PET get their own SD; the label channels share one (their pooled RMS), so every class is scaled
+    alike and the argmax decoding stays symmetric between classes."""
     rng = np.random.default_rng([seed, 424242])
-    total = torch.zeros(2, dtype=torch.float64)
-    square = torch.zeros(2, dtype=torch.float64)
+    n = patches.volumes.channels.count
+    total = torch.zeros(n, dtype=torch.float64)
+    square = torch.zeros(n, dtype=torch.float64)
     count = 0
     for _ in range(draws):
         r, _ = patches.draw(rng)
@@ -244,7 +259,11 @@ def measure_residual_std(patches: ResidualPatches, draws: int, seed: int) -> lis
         square += (r * r).sum(1)
         count += r.shape[1]
     mean = total / count
-    return (square / count - mean * mean).clamp_min(1e-12).sqrt().tolist()
+    var = (square / count - mean * mean).clamp_min(1e-12)
+    labels = patches.volumes.channels.labels
+    if patches.volumes.channels.has_labels:
+        var[labels] = var[labels].mean()
+    return var.sqrt().tolist()
 
 
 def residual_scaling(norm: dict) -> Standardize:
@@ -252,34 +271,39 @@ def residual_scaling(norm: dict) -> Standardize:
     if "residual_std" not in norm:
         raise ConfigError("this super-resolution checkpoint has no per-channel residual_std (it was trained by an "
                           "older TotalGen with one σ_data for both channels); retrain the super-resolution stage")
-    return Standardize([0.0, 0.0], norm["residual_std"], float(norm["sigma_data"]))
+    return Standardize([0.0] * len(norm["residual_std"]), norm["residual_std"], float(norm["sigma_data"]))
 
 
 def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, residual_std, cond_scaling: dict | None = None
                      ) -> dict:
     lowres_like = LowresConfig(in_plane_mm=pairing.in_plane_mm, height_law=pairing.height_law)
     lowres_like.data.grid, lowres_like.data.factor = list(pairing.grid), pairing.factor
+    lowres_like.data.labels = pairing.labels
     lowres_like.diffusion.sigma_data = pairing.net_sigma
     return {**normalization(lowres_like, mean, std, cond_scaling), "net_sigma": pairing.net_sigma,
             "sigma_data": cfg.diffusion.sigma_data, "residual_std": [float(v) for v in residual_std],
             "patch": list(cfg.data.patch),
-            "cond": ["up(lr) ct", "up(lr) pet", "demographics x4", "position x/X", "position y/Y", "position z/Z",
-                     f"augmentation level / {AUG_CHANNEL_SCALE}"]}
+            "cond": [f"up(lr) {c}" for c in pairing.channels.names] + [
+                "demographics x4", "position x/X", "position y/Y", "position z/Z",
+                f"augmentation level / {AUG_CHANNEL_SCALE}"]}
 
 
 def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -> Path | None:
     """Train (or resume) the residual super-resolution model; returns the last checkpoint."""
     pairing = load_pairing(cfg)
+    channels = pairing.channels
     volumes = CohortVolumes(cfg.data.cohort, pairing.grid, cfg.data.cache_dir, cfg.data.load_workers, progress,
-                             pairing.in_plane_mm)
-    mean, std = channel_stats(volumes)
+                             pairing.in_plane_mm, channels)
+    mean, std = channels.full_stats(*channel_stats(volumes))
     torch.manual_seed(cfg.loop.seed)
-    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
+    n_cond = sr_cond_channels(channels)
+    net = cfg.model.build(in_channels=channels.count, cond_channels=n_cond)
     residual_std = cfg.diffusion.residual_std
     scaling = demographic_scaling(volumes.cond) if cfg.model.standardize_demographics else {}
     if cfg.loop.init_from:            # its constants hold for the whole run, resumed or not
         from .generate import load_init_weights
         init = load_init_weights(cfg.loop.init_from, "superres", net)
+        check_same_channels(init, channels, cfg.loop.init_from)
         mean, std, residual_std = init["channel_mean"], init["channel_std"], init["residual_std"]
         scaling = init_demographic_scaling(init, cfg.model.standardize_demographics, cfg.loop.init_from)
         if progress and not has_checkpoint(cfg.run_dir):
@@ -287,10 +311,14 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
     # the SR stage sees intensities standardized exactly like its low-res stage (same cohort statistics)
     standardize = Standardize(mean, std, pairing.net_sigma)
     patches = ResidualPatches(volumes, pairing, cfg.data.patch, standardize, scaling)
+    if residual_std and len(residual_std) != channels.count:
+        raise ConfigError(f"diffusion.residual_std has {len(residual_std)} values; the channels {channels.names} "
+                          f"need {channels.count} (or null to measure them)")
     residual_std = residual_std or measure_residual_std(patches, cfg.diffusion.sigma_data_samples, cfg.loop.seed)
     norm = sr_normalization(cfg, pairing, mean, std, residual_std, scaling)
     scale = residual_scaling(norm)
-    net.check_input(torch.zeros(1, 2, *cfg.data.patch), torch.zeros(1), torch.zeros(1, COND_CHANNELS, *cfg.data.patch))
+    net.check_input(torch.zeros(1, channels.count, *cfg.data.patch), torch.zeros(1),
+                    torch.zeros(1, n_cond, *cfg.data.patch))
 
     def batch(step: int, rank: int, world: int):
         rng = np.random.default_rng([cfg.loop.seed, step, rank, 7])
@@ -302,7 +330,8 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
     trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm, cfg.diffusion.sigma_data,
                       device=device, progress=progress)
     if progress and trainer.dist.main:
-        print(f"super-res model: {count_parameters(net) / 1e6:.1f} M parameters, patches {tuple(cfg.data.patch)} of "
+        print(f"super-res model: {count_parameters(net) / 1e6:.1f} M parameters, channels {channels.names}, "
+              f"patches {tuple(cfg.data.patch)} of "
               f"{pairing.grid}, residual SD CT {residual_std[0]:.4f} / PET {residual_std[1]:.4f} "
               f"(scaled to {cfg.diffusion.sigma_data})")
     return trainer.run()

@@ -9,17 +9,18 @@ import pytest
 import torch
 import yaml
 
+from libs.channels import ChannelSet
 from libs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_safetensors_weights
 from libs.config import load_config, to_dict
-from libs.generate import export_stage_safetensors, load_init_weights
+from libs.generate import export_stage_safetensors, load_init_weights, stage_channels
 from libs.lowres import LowresConfig, train_lowres
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
-from libs.superres import COND_CHANNELS, SRConfig
+from libs.superres import COND_CHANNELS, SRConfig, load_pairing
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "1_Trainings" / "configs"
 WEIGHTS = ROOT / "Resource" / "demo_weights"
-STAGES = {"lowres": (LowresConfig, 4), "superres": (SRConfig, COND_CHANNELS)}
+STAGES = {"lowres": LowresConfig, "superres": SRConfig}
 # what the weights are: everything but where the data and runs live, how long and how fast they trained
 SAME_AS_DEMO = {"lowres": ("in_plane_mm", "model", "diffusion", "sample", "height_law"),
                 "superres": ("model", "diffusion", "augment", "sample", "window")}
@@ -33,25 +34,28 @@ def _without_paths(cfg: dict) -> dict:
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_demo_weights_load_into_the_demo_preset_network(stage):
-    cls, cond = STAGES[stage]
+    cls = STAGES[stage]
     path = WEIGHTS / f"{stage}.safetensors"
     assert path.stat().st_size <= 10 * 2**20, f"{path}: {path.stat().st_size} bytes (limit 10 MB)"
     demo = load_config(CONFIGS / f"{stage}_demo.yaml", cls)
     assert Path(demo.loop.init_from).name == path.name, "the demo preset starts from these weights"
-    net = demo.model.build(in_channels=2, cond_channels=cond)
-    norm = load_init_weights(path, stage, net)
     tensors, meta = load_safetensors_weights(path)
+    channels = demo.data.channel_set if stage == "lowres" else load_pairing(demo).channels
+    assert ChannelSet.from_record(meta["normalization"]) == channels, "the demo preset generates these channels"
+    net = demo.model.build(*stage_channels(stage, meta["normalization"]))
+    norm = load_init_weights(path, stage, net)
     for key, value in net.state_dict().items():
         assert torch.equal(value, tensors[key]), key
     assert meta["weights"] == "ema" and meta["provenance"]["made_by"] == "make demo-weights"
-    assert len(norm["channel_mean"]) == 2 and (stage == "lowres" or len(norm["residual_std"]) == 2)
+    assert len(norm["channel_mean"]) == channels.count
+    assert stage == "lowres" or len(norm["residual_std"]) == channels.count
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_demo_weights_record_the_current_presets(stage):
     """The recorded config is the current bench preset (the one `make demo-weights` trains), paths aside,
     and the demo preset describes the same network, diffusion and sampler."""
-    cls, _ = STAGES[stage]
+    cls = STAGES[stage]
     _, meta = load_safetensors_weights(WEIGHTS / f"{stage}.safetensors")
     recorded = to_dict(load_config(meta["config"], cls))
     bench = to_dict(load_config(CONFIGS / f"{stage}_bench.yaml", cls))

@@ -64,3 +64,25 @@ def test_fidelity_bench_trains_compares_and_reevaluates_trained_stages(tmp_path)
     assert _ids_and_heights(again / "heldout") != _ids_and_heights(out / "heldout")
     text = (again / "fidelity.md").read_text()
     assert "held-out 7, floor 8, generation 7; trained stages from" in text, text[:600]
+
+
+def test_fidelity_bench_with_label_channels_reports_the_organ_table(tmp_path):
+    low, sr = _presets(tmp_path)
+    raw = yaml.safe_load(low.read_text())
+    raw["data"]["labels"] = "default"
+    low.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "bench"
+    res = _bench("--out", str(out), "--train-subjects", "8", "--subjects", "12", "--lowres-config", str(low),
+                 "--superres-config", str(sr))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "organs within target" in res.stdout.strip().splitlines()[-1]
+    ids = [sid for sid, _ in _ids_and_heights(out / "heldout")]
+    assert all((out / "generated" / "labels" / f"{sid}.nii.gz").is_file() for sid in ids)
+    with open(out / "fidelity.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    organ = {(r["region"], r["measure"]) for r in rows if r["region"] != "body"}
+    assert {("liver", "volume_ml"), ("heart", "suv_mean"), ("kidneys", "suv_max")} <= organ, organ
+    md = (out / "fidelity.md").read_text()
+    assert "## Organs: generated labels" in md and "Image–label consistency" in md
+    comparison = (out / "comparison" / "comparison.md").read_text()
+    assert "## Label sources" in comparison and "generated 12" in comparison and "provided 12" in comparison

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from ..cohort import Cohort  # noqa: E402
 from ..demographics import Demographics  # noqa: E402
 from ..files import atomic_path  # noqa: E402
-from ..previews import coronal  # noqa: E402
+from ..previews import coronal, draw_outlines  # noqa: E402
 from ..volumes import VolumeError  # noqa: E402
 
 MEASURE_LABELS = {
@@ -120,7 +120,7 @@ def pick_subjects(records: list[Demographics], k: int) -> list[Demographics]:
 
 
 def _draw_subject(ax_ct, ax_pet, cohort: Cohort, demo: Demographics, suv_max: float) -> None:
-    subject = cohort.load(demo, labels=False)
+    subject = cohort.load(demo, labels=True)
     ct, suv, sp = subject.ct.array, subject.suv.array, subject.ct.spacing
     ys = np.flatnonzero((ct > -500).any(axis=(0, 2)))
     y_mid = int((ys[0] + ys[-1]) // 2) if ys.size else ct.shape[1] // 2
@@ -129,10 +129,13 @@ def _draw_subject(ax_ct, ax_pet, cohort: Cohort, demo: Demographics, suv_max: fl
     ax_pet.imshow(coronal(suv.max(axis=1)), cmap="gray_r", vmin=0, vmax=suv_max, aspect=aspect,
                   interpolation="nearest")
     ax_ct.set_title(f"{demo.subject_id}\n{demo.sex} {demo.age_years:.0f} y BMI {demo.bmi:.1f}", fontsize=6)
+    if subject.labels is not None:                    # organ outlines of the same slice
+        draw_outlines(ax_ct, subject.labels.array[:, y_mid, :], aspect)
 
 
 def preview_grid(path: str | os.PathLike, cohorts: dict[str, Cohort], k: int = 4, suv_max: float = 10.0) -> Path:
-    """Rows = cohorts, ``k`` subjects each as (coronal CT −500…500 HU, coronal PET MIP 0…suv_max)."""
+    """Rows = cohorts, ``k`` subjects each as (coronal CT −500…500 HU with the organ outlines of subjects that
+    have labels, coronal PET MIP 0…suv_max)."""
     picks = {name: pick_subjects(c.demographics(), k) for name, c in cohorts.items()}
     ncols = 2 * max(1, max(len(p) for p in picks.values()))
     fig, axes = plt.subplots(len(cohorts), ncols, figsize=(1.3 * ncols, 3.0 * len(cohorts)), dpi=110, squeeze=False)

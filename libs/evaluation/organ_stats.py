@@ -69,6 +69,38 @@ def subject_rows(cohort: Cohort, demo: Demographics) -> list[dict]:
     return rows
 
 
+LABEL_SOURCES = ("generated", "segmenter", "provided")
+
+
+def label_source(cohort: Cohort, subject_id: str) -> str | None:
+    """Where a subject's labels come from: 'generated' (the cascade's sidecar says so), 'segmenter'
+    (``3_Evaluations/1_segment.py`` recorded them in labels/manifest.json), 'provided' (shipped with the
+    cohort: phantom ground truth, preprocessing) — None without labels."""
+    import json
+
+    from ..manifest import manifest_path, read_manifest
+    if not cohort.has_labels(subject_id):
+        return None
+    try:
+        meta = json.loads(cohort.path("meta", subject_id).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    if isinstance(meta, dict) and isinstance(meta.get("labels"), dict) and meta["labels"].get("source") == "generated":
+        return "generated"
+    from .segment import SEGMENT_JOB
+    made = read_manifest(manifest_path(cohort.root / "labels", folder=True), SEGMENT_JOB)
+    return "segmenter" if made is not None and subject_id in made.entries else "provided"
+
+
+def label_sources(cohort: Cohort) -> dict[str, int]:
+    """Subjects per label source (see :func:`label_source`), including 'none' for subjects without labels."""
+    counts: dict[str, int] = {}
+    for d in cohort.demographics():
+        src = label_source(cohort, d.subject_id) or "none"
+        counts[src] = counts.get(src, 0) + 1
+    return counts
+
+
 def subject_fingerprint(cohort: Cohort, demo: Demographics) -> str:
     """What a subject's rows depend on: its files' content, its demographics, the measures' code."""
     files = {kind: file_hash(cohort.path(kind, demo.subject_id)) for kind in ("ct", "suv", "labels")}
