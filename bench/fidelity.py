@@ -218,6 +218,15 @@ def _f(v: float, digits: int = 1) -> str:
     return "–" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.{digits}f}"
 
 
+def comparison_cells_md(r: dict, digits: int) -> list[str]:
+    """Markdown cells of one summary row: reference mean ± SD (n), then mean ± SD, Δ %, p, Δ/SE per cohort."""
+    cells = [f"{_f(r['ref_mean'], digits)} ± {_f(r['ref_sd'], digits)} ({r['n_ref']})"]
+    for c in COHORTS:
+        cells += [f"{_f(r[f'{c}_mean'], digits)} ± {_f(r[f'{c}_sd'], digits)}", _f(r[f"{c}_pct"]),
+                  _f(r[f"{c}_p"], 3), _f(r[f"{c}_se"])]
+    return cells
+
+
 def organ_markdown(rows: list[dict], checks: dict, consistency: list[dict]) -> list[str]:
     """The organ section of the report (issue 14)."""
     out = ["## Organs: generated labels vs the held-out phantoms' ground truth", "",
@@ -225,10 +234,7 @@ def organ_markdown(rows: list[dict], checks: dict, consistency: list[dict]) -> l
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         digits = 0 if r["measure"] == "volume_ml" else 2
-        cells = [f"{_f(r['ref_mean'], digits)} ± {_f(r['ref_sd'], digits)} ({r['n_ref']})"]
-        for c in COHORTS:
-            cells += [f"{_f(r[f'{c}_mean'], digits)} ± {_f(r[f'{c}_sd'], digits)}", _f(r[f"{c}_pct"]),
-                      _f(r[f"{c}_p"], 3), _f(r[f"{c}_se"])]
+        cells = comparison_cells_md(r, digits)
         out.append(f"| {r['region']} | {r['measure']} | {r['subgroup']} | " + " | ".join(cells) + " |")
     g, f = checks["generated"], checks["floor"]
     out += ["", "Targets (issue 14): organ volume and SUVmean per sex within ±10 % or 2 SE; at most 3 "
@@ -262,10 +268,7 @@ def markdown(rows, slopes, checks, info: dict, organs: list[str] | None = None) 
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         digits = 3 if r["measure"] == "suv_mean" else 1
-        cells = [f"{_f(r['ref_mean'], digits)} ± {_f(r['ref_sd'], digits)} ({r['n_ref']})"]
-        for c in COHORTS:
-            cells += [f"{_f(r[f'{c}_mean'], digits)} ± {_f(r[f'{c}_sd'], digits)}", _f(r[f"{c}_pct"]),
-                      _f(r[f"{c}_p"], 3), _f(r[f"{c}_se"])]
+        cells = comparison_cells_md(r, digits)
         out.append(f"| {r['measure']} | {r['subgroup']} | " + " | ".join(cells) + " |")
     out += ["", "Demographic slopes (least squares, adjusted for weight, height, age and sex):", "",
             "| measure | covariate | reference | generated | Δ % | p(≠ ref) | noise floor | Δ % | p(≠ ref) |",

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from libs.config import ConfigError, load_config
 from libs.data import CohortVolumes
@@ -25,7 +24,7 @@ from libs.lowres import (
 )
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
 from tests.test_lowres import TINY
-from tests.test_superres import LOWRES, SR
+from tests.test_superres import write_pair
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +101,8 @@ def test_lowres_training_records_the_scaling_and_generation_feeds_z_scores(cohor
 def test_superres_patches_and_cascade_feed_the_recorded_z_scores(cohort, tmp_path):
     from libs.cascade import load_sr_model, sample_sr
     from libs.superres import ResidualPatches, SRConfig, load_pairing, train_superres
-    low, sr = json.loads(json.dumps(LOWRES)), json.loads(json.dumps(SR))
-    low["data"]["cohort"], low["run_dir"] = str(cohort), str(tmp_path / "low")
-    (tmp_path / "low.yaml").write_text(yaml.safe_dump(low))
-    sr["data"]["cohort"], sr["run_dir"], sr["lowres_config"] = str(cohort), str(tmp_path / "sr"), \
-        str(tmp_path / "low.yaml")
-    sr["model"]["standardize_demographics"] = True
-    sr["loop"].update(steps=2, checkpoint_every=2)
-    cfg = load_config(sr, SRConfig)
+    write_pair(tmp_path, cohort, sr_model={"standardize_demographics": True})
+    cfg = load_config(tmp_path / "sr.yaml", SRConfig)
     ckpt = train_superres(cfg, device="cpu", progress=False)
     norm = torch.load(ckpt, weights_only=True)["normalization"]
     pairing = load_pairing(cfg)

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from libs.channels import DEFAULT_LABEL_GROUPS, ChannelError, ChannelSet
 from libs.cohort import Cohort
@@ -19,7 +18,7 @@ from libs.lowres import LowresConfig, Standardize, channel_stats, train_lowres
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
 from libs.superres import ResidualPatches, SRConfig, check_pairing, load_pairing, measure_residual_std, train_superres
 from libs.volumes import read_volume
-from tests.test_superres import LOWRES, SR
+from tests.test_superres import write_pair
 
 CS = ChannelSet.from_groups(DEFAULT_LABEL_GROUPS)
 GRID = (32, 32, 64)
@@ -30,14 +29,7 @@ def setup(tmp_path_factory):
     """A 14 mm phantom cohort with labels and the YAML of a tiny low-res + SR pair generating labels."""
     root = tmp_path_factory.mktemp("lab")
     write_phantom_cohort(root / "cohort", sampled_demographics(3, seed=5), seed=5, spacing_mm=14.0, progress=False)
-    low = json.loads(json.dumps(LOWRES))
-    low["data"].update(cohort=str(root / "cohort"), labels="default")
-    low["run_dir"] = str(root / "runs" / "low")
-    (root / "low.yaml").write_text(yaml.safe_dump(low))
-    sr = json.loads(json.dumps(SR))
-    sr["data"]["cohort"], sr["run_dir"], sr["lowres_config"] = str(root / "cohort"), str(root / "runs" / "sr"), \
-        str(root / "low.yaml")
-    (root / "sr.yaml").write_text(yaml.safe_dump(sr))
+    write_pair(root, root / "cohort", low_data={"labels": "default"})
     return root
 
 

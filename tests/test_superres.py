@@ -41,14 +41,22 @@ def setup(tmp_path_factory):
     """A 14 mm phantom cohort and the YAML files of a tiny low-res + SR pair."""
     root = tmp_path_factory.mktemp("sr")
     write_phantom_cohort(root / "cohort", sampled_demographics(3, seed=6), seed=6, spacing_mm=14.0, progress=False)
+    write_pair(root, root / "cohort")
+    return root
+
+
+def write_pair(root: Path, cohort: Path, low_data: dict | None = None, sr_model: dict | None = None) -> None:
+    """root/low.yaml and root/sr.yaml: the tiny pair on ``cohort``, runs under root/runs/{low,sr}; ``low_data`` and
+    ``sr_model`` update the low-res data and SR model sections."""
     low = json.loads(json.dumps(LOWRES))
-    low["data"]["cohort"], low["run_dir"] = str(root / "cohort"), str(root / "runs" / "low")
+    low["data"].update(cohort=str(cohort), **(low_data or {}))
+    low["run_dir"] = str(root / "runs" / "low")
     (root / "low.yaml").write_text(yaml.safe_dump(low))
     sr = json.loads(json.dumps(SR))
-    sr["data"]["cohort"], sr["run_dir"], sr["lowres_config"] = str(root / "cohort"), str(root / "runs" / "sr"), \
+    sr["model"].update(sr_model or {})
+    sr["data"]["cohort"], sr["run_dir"], sr["lowres_config"] = str(cohort), str(root / "runs" / "sr"), \
         str(root / "low.yaml")
     (root / "sr.yaml").write_text(yaml.safe_dump(sr))
-    return root
 
 
 def _conv_net(seed=0):
