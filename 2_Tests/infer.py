@@ -43,6 +43,12 @@ def _replace(cfg, **values):
 @click.option("--churn", type=click.FloatRange(0.0), metavar="S",
               help="EDM stochastic churn S of both stages, γ = min(S / steps, √2 − 1) per step "
                    "[default: the checkpoints'].")
+@click.option("--ode-space", type=click.Choice(["auto", "sigma", "flow"]),
+              help="Variables the ODE steps are taken in, both stages: sigma (EDM), flow (flow time) or auto (each "
+                   "checkpoint's objective's) [default: the checkpoints'].")
+@click.option("--schedule", type=click.Choice(["karras", "uniform_time"]),
+              help="Noise-level grid of both stages: EDM's Karras grid or equal steps in flow time "
+                   "[default: the checkpoints'].")
 @click.option("--sr-cond-noise", type=click.FloatRange(0.0, 2.0), metavar="S",
               help="Conditioning-augmentation level added to the generated LR before super-resolution "
                    "[default: the SR checkpoint's sample.cond_noise].")
@@ -59,8 +65,8 @@ def _replace(cfg, **values):
 @click.option("--overwrite", is_flag=True,
               help="Regenerate every subject; also write into a folder this job did not create.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, sr_cond_noise, window,
-         overlap, window_batch, seed, batch, device, no_ema, no_previews, overwrite, quiet):
+def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, ode_space, schedule,
+         sr_cond_noise, window, overlap, window_batch, seed, batch, device, no_ema, no_previews, overwrite, quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
@@ -74,10 +80,10 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
                 click.echo(line, err=True)
         elif not lowres:
             raise click.UsageError("give --lowres CKPT (and --superres CKPT) or --model_dir DIR")
-        report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn,
+        both = {"solver": solver, "churn": churn, "ode_space": ode_space, "schedule": schedule}
+        report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both,
                                sr_cond_noise, window, overlap, window_batch, seed, batch, device, not no_ema,
-                               not no_previews, overwrite,
-                               not quiet)
+                               not no_previews, overwrite, not quiet)
         click.echo(f"{out}: {len(report.written)} written, {len(report.skipped)} already complete, "
                    f"{len(report.failed)} failed in {report.seconds:.1f} s")
         for key, reason in report.failed.items():
@@ -88,21 +94,21 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
     run_guarded(job)
 
 
-def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, solver, churn, cond_noise, window,
+def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both: dict, cond_noise, window,
                   overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress):
-    """Resolve sampler settings (checkpoint defaults + options) and run the job."""
+    """Resolve sampler settings (checkpoint defaults + options; ``both``: settings given for both stages, None =
+    the checkpoint's) and run the job."""
     import torch
 
     from libs.cascade import generate_cascade_cohort, load_sr_model
     from libs.generate import generate_lowres_cohort, load_lowres_model
     cpu = torch.device("cpu")
-    s_lr = _replace(load_lowres_model(lowres, cpu, ema=False).config.sample, steps=steps_lowres, solver=solver,
-                    churn=churn)
+    s_lr = _replace(load_lowres_model(lowres, cpu, ema=False).config.sample, steps=steps_lowres, **both)
     if not superres:
         return generate_lowres_cohort(lowres, demographics, out, seed, s_lr, batch, device, ema, previews, overwrite,
                                       progress)
     sr_cfg = load_sr_model(superres, cpu, ema=False).config
-    s_sr = _replace(sr_cfg.sample, steps=steps_sr, solver=solver, churn=churn, cond_noise=cond_noise)
+    s_sr = _replace(sr_cfg.sample, steps=steps_sr, cond_noise=cond_noise, **both)
     win = _replace(sr_cfg.window, size=list(window) if window else None, overlap=overlap, batch=window_batch)
     return generate_cascade_cohort(lowres, superres, demographics, out, seed, s_lr, s_sr, win, batch, device, ema,
                                    previews, overwrite, progress)

@@ -221,7 +221,7 @@ def _train_cell(spec: dict, device: torch.device, tmp: str):
     net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
     optim = dataclasses.replace(cfg.optim, batch=spec["batch"])
     loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
-    trainer = Trainer(net, loss, None, optim, cfg.loop, Path(tmp) / "run", to_dict(cfg), norm, cfg.diffusion.sigma_data,
+    trainer = Trainer(net, loss, None, optim, cfg.loop, Path(tmp) / "run", to_dict(cfg), norm,
                       device=str(device), progress=False)
     x, cond = x.to(trainer.device), cond.to(trainer.device)
     fn = functools.partial(trainer.train_step, x, cond)

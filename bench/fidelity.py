@@ -15,6 +15,7 @@
     .venv/bin/python bench/fidelity.py --out bench_out/fidelity_gpu --device cuda --subjects 200 \\
         --train-subjects 565 --lowres-config 1_Trainings/configs/lowres_paper.yaml \\
         --superres-config 1_Trainings/configs/superres_paper.yaml --steps 20000
+    .venv/bin/python bench/fidelity.py --out bench_out/fidelity_flow --objective flow   # the flow-matching arm
     # the same trained stages on another held-out cohort, floor and sampling seed (no training):
     .venv/bin/python bench/fidelity.py --out bench_out/fidelity_h11 --runs-from bench_out/fidelity/runs \
         --heldout-seed 11
@@ -350,8 +351,12 @@ def _timed(times: dict, name: str, fn):
 @click.option("--out", default="bench_out/fidelity", type=click.Path(file_okay=False), metavar="DIR")
 @click.option("--train-subjects", default=240, type=click.IntRange(8), metavar="N")
 @click.option("--subjects", default=64, type=click.IntRange(8), metavar="N", help="Held-out (and floor) subjects.")
-@click.option("--lowres-config", default=str(CONFIGS / "lowres_bench.yaml"), type=click.Path(dir_okay=False))
-@click.option("--superres-config", default=str(CONFIGS / "superres_bench.yaml"), type=click.Path(dir_okay=False))
+@click.option("--objective", default="edm", type=click.Choice(["edm", "flow"]),
+              help="The arm: the default presets are *_bench.yaml (edm) or *_bench_flow.yaml (flow).")
+@click.option("--lowres-config", default=None, type=click.Path(dir_okay=False),
+              help="Low-res preset [1_Trainings/configs/lowres_bench(_flow).yaml].")
+@click.option("--superres-config", default=None, type=click.Path(dir_okay=False),
+              help="Super-res preset [1_Trainings/configs/superres_bench(_flow).yaml].")
 @click.option("--steps", default=None, type=click.IntRange(1), metavar="N",
               help="Training steps of each stage [the presets'].")
 @click.option("--seed", default=0, type=click.IntRange(0), metavar="S",
@@ -364,10 +369,13 @@ def _timed(times: dict, name: str, fn):
 @click.option("--device", default="auto", metavar="DEV")
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
-def main(out, train_subjects, subjects, lowres_config, superres_config, steps, seed, heldout_seed, runs_from, device,
-         batch, quiet):
+def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, seed, heldout_seed,
+         runs_from, device, batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    suffix = "_flow" if objective == "flow" else ""
+    lowres_config = lowres_config or str(CONFIGS / f"lowres_bench{suffix}.yaml")
+    superres_config = superres_config or str(CONFIGS / f"superres_bench{suffix}.yaml")
     out, times = Path(out), {}
     gen_seed = seed if heldout_seed is None else heldout_seed
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
@@ -391,7 +399,8 @@ def main(out, train_subjects, subjects, lowres_config, superres_config, steps, s
     info = {"n_train": train_subjects, "n_test": subjects, "spacing_mm": spacing, "device": device,
             "seeds": f"training {seed}, held-out {heldout_seed}, floor {heldout_seed + 1}, generation {gen_seed}"
                      + (f"; trained stages from {runs}" if runs_from else ""),
-            "presets": f"{Path(lowres_config).name} + {Path(superres_config).name}",
+            "presets": f"{Path(lowres_config).name} + {Path(superres_config).name} (objectives "
+                       f"{low_cfg.diffusion.objective} + {sr_cfg.diffusion.objective})",
             "steps": f"{low_cfg.loop.steps} + {sr_cfg.loop.steps}",
             "times": ", ".join(f"{k} {v}" for k, v in times.items())}
     checks, _ = write_outputs(out, comp, info, paths | {"generated": out / "generated"})

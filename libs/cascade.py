@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from .channels import ChannelSet
 from .checkpoint import load_checkpoint, sha256_file
 from .demographics import Demographics
-from .diffusion import Denoiser
+from .diffusion import make_denoiser
 from .generate import (
     Model,
     _meta,
+    check_recorded_objective,
     decode_labels,
     labels_meta,
     load_lowres_model,
@@ -31,7 +32,7 @@ from .generate import (
 )
 from .intensity import unit_to_ct, unit_to_suv
 from .lowres import HeightLaw, SampleConfig, Standardize, standardize_demographics
-from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
+from .samplers import initial_noise, per_sample_generators
 from .superres import (
     AUG_CHANNEL_SCALE,
     SRConfig,
@@ -46,7 +47,7 @@ from .windows import position_channels, upsample, windowed_denoise
 
 @dataclass
 class SRModel:
-    denoiser: Denoiser
+    denoiser: torch.nn.Module
     config: SRConfig
     normalization: dict
     standardize: Standardize
@@ -68,6 +69,10 @@ class SRModel:
         return ChannelSet.from_record(self.normalization)
 
     @property
+    def objective(self) -> str:
+        return self.config.diffusion.objective
+
+    @property
     def residual(self) -> Standardize:
         """Standardized residual ↔ network residual (per-channel SD σ_data)."""
         return residual_scaling(self.normalization)
@@ -79,7 +84,9 @@ def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = Tru
     norm = ckpt["normalization"]
     residual_scaling(norm)                           # refuse checkpoints without per-channel residual scales
     sigma = float(norm["sigma_data"])
-    return SRModel(Denoiser(net, sigma), cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,
+    check_recorded_objective(path, norm, cfg.diffusion.objective)
+    denoiser = make_denoiser(net, cfg.diffusion.objective, sigma)
+    return SRModel(denoiser, cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,
                    path, sha256_file(path), int(ckpt["step"]))
 
 
@@ -112,13 +119,12 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
         return windowed_denoise(model.denoiser, x, sigma, cond_fn, size, window.overlap, window.batch)
 
     sigma_max = sample.sigma_max_ratio * model.sigma_data
-    sigmas = karras_sigmas(sample.steps, sample.sigma_min, sigma_max, sample.rho, device=device)
+    sigmas = sample.sigmas(sigma_max, device=device)
     x = initial_noise((lr_net.shape[1], *grid), [seed], sigma_max, device=device)
-    solver = sample_heun if sample.solver == "heun" else sample_euler
     gens = per_sample_generators([seed], stream=1, device=device) if sample.churn > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
     with autocast:
-        residual = solver(full_denoiser, x, sigmas, None, churn=sample.churn, generator=gens, progress=progress)
+        residual = sample.solve(full_denoiser, x, sigmas, None, model.objective, gens, progress)
     return model.standardize.from_net(up_clean + model.residual.from_net(residual.float()))[0].clamp(0.0, 1.0)
 
 
@@ -196,7 +202,9 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
 def _cascade_meta(d, seed_lr, seed_sr, s_lr, s_sr, win, lr_model: Model, sr_model: SRModel) -> dict:
     meta = _meta(d, seed_lr, s_lr, lr_model, {"stage": "cascade", **labels_meta(sr_model.channels)})
     meta["seed_superres"] = seed_sr
-    meta["sampler_superres"] = {**asdict(s_sr), "sigma_max": s_sr.sigma_max_ratio * sr_model.sigma_data}
+    meta["sampler_superres"] = {**asdict(s_sr), "sigma_max": s_sr.sigma_max_ratio * sr_model.sigma_data,
+                                "ode_space": s_sr.space(sr_model.objective)}
     meta["window"] = asdict(win)
-    meta["checkpoints"]["superres"] = {"path": str(sr_model.path), "sha256": sr_model.sha256, "step": sr_model.step}
+    meta["checkpoints"]["superres"] = {"path": str(sr_model.path), "sha256": sr_model.sha256, "step": sr_model.step,
+                                       "objective": sr_model.objective}
     return meta

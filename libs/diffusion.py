@@ -1,9 +1,16 @@
-"""EDM preconditioning and training losses (Karras et al. 2022, "Elucidating the Design Space of
-Diffusion-Based Generative Models", Table 1; Karras et al. 2024, EDM2, Sec. 5 and Appendix).
+"""Training objectives: EDM preconditioning and losses (Karras et al. 2022, "Elucidating the Design Space
+of Diffusion-Based Generative Models", Table 1; Karras et al. 2024, EDM2, Sec. 5 and Appendix) and flow
+matching on the conditional optimal-transport path (Lipman et al. 2023; Liu et al. 2023, rectified flow).
 
-Noise model: x_σ = x + σ n with n ~ N(0, I); volumes are (B, C, X, Y, Z) in the networks' [0, 1] units.
-The denoiser D(x; σ) estimates E[x | x_σ]; losses are callables ``loss(denoiser, x, cond)`` returning
-one value per sample, (B,).
+Noise model (EDM): x_σ = x + σ n with n ~ N(0, I); volumes are (B, C, X, Y, Z) in network units.
+The denoiser D(x; σ) estimates E[x | x_σ].
+
+Flow: x_t = t·x + (1 − t)·n, t ∈ (0, 1] (t = 1 is data), velocity v = E[x − n | x_t].  The two are one
+family: x_t = t·x_σ with t = 1 / (1 + σ), and D(x_σ; σ) = x_t + (1 − t)·v(x_t, t) exactly
+(:class:`VelocityDenoiser`), so every sampler of :mod:`libs.samplers` serves both objectives.
+
+A loss is a callable ``loss(model, x, cond, generator) -> (B,)`` with ``loss.wrap(net)`` building the
+``model`` it expects around the raw network (a :class:`Denoiser` or a :class:`VelocityModel`).
 """
 
 from __future__ import annotations
@@ -98,6 +105,9 @@ class EDMLoss:
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
+    def wrap(self, net: nn.Module) -> Denoiser:
+        return Denoiser(net, self.sigma_data)
+
     def noisy(self, x: torch.Tensor, generator: torch.Generator | None):
         """Draw σ (B,) then x + σ n; returns (x_noisy, sigma)."""
         sigma = sample_training_sigma(x.shape[0], self.P_mean, self.P_std, generator, x.device)
@@ -132,3 +142,117 @@ class EDM2Loss(EDMLoss):
         mse = (d_x - x.float()).square().mean(dim=tuple(range(1, x.ndim)))
         return edm_weight(sigma, self.sigma_data) / logvar.exp() * mse + logvar
 
+
+
+# -- flow matching ------------------------------------------------------------------------------------
+
+def flow_time(sigma):
+    """EDM noise level σ → flow time t = 1 / (1 + σ)  (σ = 0 is t = 1, data)."""
+    return 1 / (1 + sigma)
+
+
+def flow_sigma(t):
+    """Flow time t → EDM noise level σ = (1 − t) / t."""
+    return (1 - t) / t
+
+
+class VelocityModel(nn.Module):
+    """v(x_t, t) = F(x_t, ln(t) / 4, cond): the raw network predicts the velocity, with no preconditioning
+    (the research code's flow arm).  forward(x_t (B, C, X, Y, Z), t (B,) or scalar, cond) → v float32."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t, cond: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        cond = None if cond is None else cond.to(x.dtype)
+        return self.net(x, t.log() / 4, cond).float()
+
+
+class VelocityDenoiser(nn.Module):
+    """The EDM denoiser of a velocity model, by the exact change of variables:
+    t = 1 / (1 + σ), x_t = t·x_σ, D(x_σ; σ) = x_t + (1 − t)·v(x_t, t).
+
+    ``velocity`` is a :class:`VelocityModel` (or any v(x_t, t, cond)); forward has :class:`Denoiser`'s
+    signature, so the EDM samplers integrate a flow model unchanged."""
+
+    def __init__(self, velocity: nn.Module):
+        super().__init__()
+        self.velocity = velocity
+
+    def forward(self, x: torch.Tensor, sigma, cond: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        t = append_dims(flow_time(sigma), x.ndim)
+        x_t = t * x.float()
+        v = self.velocity(x_t.to(x.dtype), flow_time(sigma), cond).float()
+        return x_t + (1 - t) * v
+
+
+TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
+
+
+def sample_flow_time(batch: int, distribution: str = "logit_normal", P_mean: float = -0.4, P_std: float = 1.0,
+                     generator: torch.Generator | None = None, device=None, eps: float = 1e-5) -> torch.Tensor:
+    """Training times of the flow loss → (batch,) float32 in [eps, 1 − eps].
+
+    ``logit_normal``: t = 1 / (1 + σ) with ln σ ~ N(P_mean, P_std²), i.e. logit(t) ~ N(−P_mean, P_std²) — the
+    EDM2 noise levels mapped to flow time (the research code's default); ``uniform``: t ~ U(0, 1)."""
+    if distribution == "logit_normal":
+        t = flow_time(sample_training_sigma(batch, P_mean, P_std, generator, device))
+    elif distribution == "uniform":
+        gen_device = generator.device if generator is not None else device
+        t = torch.rand(batch, generator=generator, device=gen_device).to(device if device is not None else gen_device)
+    else:
+        raise ValueError(f"time distribution must be one of {TIME_DISTRIBUTIONS}, got {distribution!r}")
+    return t.clamp(eps, 1 - eps)
+
+
+class FlowLoss:
+    """Conditional flow matching: mean‖v(x_t, t) − (x − n)‖² per sample, x_t = t·x + (1 − t)·n, unweighted.
+
+    At the exact velocity E[x − n | x_t] the loss equals E Var(x − n | x_t), its irreducible value."""
+
+    def __init__(self, time_distribution: str = "logit_normal", P_mean: float = -0.4, P_std: float = 1.0):
+        if time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(f"time distribution must be one of {TIME_DISTRIBUTIONS}, got {time_distribution!r}")
+        self.time_distribution, self.P_mean, self.P_std = time_distribution, P_mean, P_std
+
+    def wrap(self, net: nn.Module) -> VelocityModel:
+        return VelocityModel(net)
+
+    def noisy(self, x: torch.Tensor, generator: torch.Generator | None):
+        """Draw t (B,) and n, → (x_t, t, target velocity x − n)."""
+        t = sample_flow_time(x.shape[0], self.time_distribution, self.P_mean, self.P_std, generator, x.device)
+        n = randn_like(x, generator)
+        tt = append_dims(t, x.ndim)
+        return tt * x + (1 - tt) * n, t, x - n
+
+    def __call__(self, model, x: torch.Tensor, cond: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """x (B, C, X, Y, Z) clean data, cond as for the model → loss (B,)."""
+        x_t, t, target = self.noisy(x.float(), generator)
+        return (model(x_t, t, cond) - target).square().mean(dim=tuple(range(1, x.ndim)))
+
+
+OBJECTIVES = ("edm", "flow")
+
+
+def make_loss(objective: str, P_mean: float, P_std: float, sigma_data: float,
+              time_distribution: str = "logit_normal"):
+    """The training loss of ``objective``: 'edm' (the EDM2 uncertainty-weighted loss) or 'flow'."""
+    if objective == "edm":
+        return EDM2Loss(P_mean, P_std, sigma_data)
+    if objective == "flow":
+        return FlowLoss(time_distribution, P_mean, P_std)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def make_denoiser(net: nn.Module, objective: str, sigma_data: float) -> nn.Module:
+    """A trained network as the EDM denoiser the samplers call: preconditioned (edm) or through its velocity
+    (flow)."""
+    if objective == "edm":
+        return Denoiser(net, sigma_data)
+    if objective == "flow":
+        return VelocityDenoiser(VelocityModel(net))
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")

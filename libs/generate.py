@@ -27,21 +27,22 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sha
 from .cohort import Cohort
 from .config import load_config
 from .demographics import Demographics, encode_many, read_demographics_rows
-from .diffusion import Denoiser
+from .diffusion import make_denoiser
 from .ema import PowerFunctionEMA
 from .files import atomic_write_text
 from .intensity import CT_BACKGROUND_HU, unit_to_ct, unit_to_suv
 from .lowres import LowresConfig, SampleConfig, Standardize, expand_cond, standardize_demographics
 from .manifest import ManifestError, claim, fingerprint
-from .samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
+from .samplers import initial_noise, per_sample_generators
 from .volumes import centered_affine
 
 
 @dataclass
 class Model:
-    """A loaded stage: its denoiser (EMA weights by default), config and provenance."""
+    """A loaded stage: its denoiser (EMA weights by default; a flow model as its exact denoiser), config and
+    provenance."""
 
-    denoiser: Denoiser
+    denoiser: torch.nn.Module
     config: LowresConfig
     path: Path
     sha256: str
@@ -52,6 +53,10 @@ class Model:
     @property
     def channels(self) -> ChannelSet:
         return ChannelSet.from_record(self.normalization)
+
+    @property
+    def objective(self) -> str:
+        return self.config.diffusion.objective
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -101,12 +106,22 @@ def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.de
     return path, ckpt, cfg, net.eval().to(device)
 
 
+def check_recorded_objective(path, norm: dict, objective: str) -> None:
+    """The objective a checkpoint's record names (none: edm, older checkpoints) must be its config's."""
+    recorded = norm.get("objective", "edm")
+    if recorded != objective:
+        raise CheckpointError(f"{path}: its record says the {recorded} objective but its config says {objective}; "
+                              f"the file is inconsistent")
+
+
 def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> Model:
     """Load a low-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint) and
     build its network in eval mode."""
     path, ckpt, cfg, net = load_stage(path, LowresConfig, "lowres", device, ema)
     std = Standardize.from_record(ckpt["normalization"], cfg.diffusion.sigma_data)
-    return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, Path(path), sha256_file(path), int(ckpt["step"]), std,
+    check_recorded_objective(path, ckpt["normalization"], cfg.diffusion.objective)
+    denoiser = make_denoiser(net, cfg.diffusion.objective, cfg.diffusion.sigma_data)
+    return Model(denoiser, cfg, Path(path), sha256_file(path), int(ckpt["step"]), std,
                  ckpt["normalization"])
 
 
@@ -125,13 +140,12 @@ def sample_lowres(model: Model, records: list[Demographics], seeds: list[int], s
     shape = model.config.sample_shape
     cond = expand_cond(standardize_demographics(torch.from_numpy(encode_many(records)), model.normalization), shape)
     cond = cond.to(device)
-    sigmas = karras_sigmas(sample.steps, sample.sigma_min, sample.sigma_max, sample.rho, device=device)
+    sigmas = sample.sigmas(sample.sigma_max, device=device)
     x = initial_noise((model.channels.count, *shape), seeds, sample.sigma_max, device=device)
-    solver = sample_heun if sample.solver == "heun" else sample_euler
     gens = per_sample_generators(seeds, stream=1, device=device) if sample.churn > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     with autocast:
-        x = solver(model.denoiser, x, sigmas, cond, churn=sample.churn, generator=gens, progress=progress)
+        x = sample.solve(model.denoiser, x, sigmas, cond, model.objective, gens, progress)
     return model.standardize.from_net(x.float()).clamp(0.0, 1.0)
 
 
@@ -200,8 +214,10 @@ class JobReport:
 
 
 def _meta(demo: Demographics, seed: int, sample: SampleConfig, model: Model, extra: dict) -> dict:
-    return {"subject_id": demo.subject_id, "demographics": asdict(demo), "seed": seed, "sampler": asdict(sample),
-            "checkpoints": {"lowres": {"path": str(model.path), "sha256": model.sha256, "step": model.step}},
+    return {"subject_id": demo.subject_id, "demographics": asdict(demo), "seed": seed,
+            "sampler": {**asdict(sample), "ode_space": sample.space(model.objective)},
+            "checkpoints": {"lowres": {"path": str(model.path), "sha256": model.sha256, "step": model.step,
+                                       "objective": model.objective}},
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
 
 

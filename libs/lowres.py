@@ -16,9 +16,10 @@ import torch
 from .channels import DEFAULT_LABEL_GROUPS, ChannelSet, check_same_channels
 from .config import ConfigError, check_range, load_config, to_dict
 from .data import CohortVolumes, PolyphaseSamples, batch_indices
-from .diffusion import EDM2Loss
+from .diffusion import OBJECTIVES, TIME_DISTRIBUTIONS, make_loss
 from .intensity import CT_MAX_HU, CT_MIN_HU, SUV_MAX
 from .nn import UNet, count_parameters
+from .samplers import SCHEDULES, SPACES, sample_euler, sample_heun, schedule_sigmas
 from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
 
 
@@ -69,11 +70,29 @@ class ModelConfig:
                     dropout=self.dropout, channels_per_head=self.channels_per_head)
 
 
+def check_objective(cfg) -> None:
+    """Validate a stage's ``diffusion.objective`` / ``diffusion.time_distribution``."""
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.time_distribution not in TIME_DISTRIBUTIONS:
+        raise ValueError(f"time_distribution must be one of {', '.join(TIME_DISTRIBUTIONS)}, "
+                         f"got {cfg.time_distribution!r}")
+
+
 @dataclass
 class DiffusionConfig:
     sigma_data: float = 0.5
     P_mean: float = -0.4
     P_std: float = 1.0
+    # edm: EDM preconditioning, EDM2 uncertainty-weighted loss; flow: flow matching on the optimal-transport
+    # path (velocity, unweighted MSE, no preconditioning: the research code's flow arm).  libs/diffusion.py.
+    objective: str = "edm"
+    # flow training times: logit_normal (t = 1 / (1 + σ), ln σ ~ N(P_mean, P_std²)) or uniform
+    time_distribution: str = "logit_normal"
+
+    def __post_init__(self):
+        check_range("sigma_data", self.sigma_data, low=0.0, low_inclusive=False)
+        check_objective(self)
 
 
 @dataclass
@@ -85,11 +104,31 @@ class SamplerSettings:
     sigma_min: float = 0.002
     rho: float = 7.0
     churn: float = 0.0
+    schedule: str = "karras"       # karras (EDM Eq. 5; as flow times, the research grid) | uniform_time
+    ode_space: str = "auto"        # variables of the ODE steps: sigma (EDM) | flow (t) | auto: the objective's
 
     def __post_init__(self):
         if self.solver not in ("heun", "euler"):
             raise ValueError(f"solver must be 'heun' or 'euler', got {self.solver!r}")
         check_range("steps", self.steps, low=1)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.ode_space not in ("auto", *SPACES):
+            raise ValueError(f"ode_space must be auto, sigma or flow, got {self.ode_space!r}")
+
+    def space(self, objective: str) -> str:
+        """The ODE variables used for a model of ``objective`` ('auto': EDM's for edm, flow time for flow)."""
+        return ("flow" if objective == "flow" else "sigma") if self.ode_space == "auto" else self.ode_space
+
+    def sigmas(self, sigma_max: float, device=None) -> torch.Tensor:
+        return schedule_sigmas(self.schedule, self.steps, self.sigma_min, sigma_max, self.rho, device=device)
+
+    def solve(self, denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond, objective: str, generator=None,
+              progress: bool = False) -> torch.Tensor:
+        """Run this sampler (solver, churn, ODE variables) on a stage's denoiser."""
+        solver = sample_heun if self.solver == "heun" else sample_euler
+        return solver(denoiser, x, sigmas, cond, churn=self.churn, generator=generator, progress=progress,
+                      space=self.space(objective))
 
 
 @dataclass
@@ -203,12 +242,20 @@ def standardize_demographics(cond: torch.Tensor, norm: dict) -> torch.Tensor:
 def normalization(cfg: LowresConfig, mean=None, std=None, cond_scaling: dict | None = None) -> dict:
     """Constants a checkpoint needs to turn samples back into HU and SUV on a true grid (and, with
     ``cond_scaling``, to feed the demographics as the network was trained)."""
-    return {**(cond_scaling or {}), "channel_mean": mean, "channel_std": std,
+    return {**(cond_scaling or {}), "objective": cfg.diffusion.objective, "channel_mean": mean, "channel_std": std,
             "ct_range_hu": [CT_MIN_HU, CT_MAX_HU], "suv_max": SUV_MAX, "pet_map": "log2(suv+1)/log2(26)",
             **cfg.data.channel_set.record(),
             "demographics": ["height_m-1", "(weight_kg-30)/100", "sex(M=1)", "age/100"],
             "grid": list(cfg.data.grid), "factor": cfg.data.factor, "in_plane_mm": cfg.in_plane_mm,
             "height_law": [cfg.height_law.a, cfg.height_law.b, cfg.height_law.slice_mm]}
+
+
+def check_same_objective(init: dict, objective: str, source) -> None:
+    """A fine-tune keeps the objective its initial weights were trained with (records without one: edm)."""
+    had = init.get("objective", "edm")
+    if had != objective:
+        raise ConfigError(f"{source}: these weights were trained with the {had} objective; set "
+                          f"diffusion.objective: {had} to fine-tune them (or train {objective} from scratch)")
 
 
 def init_demographic_scaling(init: dict, standardize: bool, source) -> dict:
@@ -243,6 +290,7 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
         from .generate import load_init_weights
         init = load_init_weights(cfg.loop.init_from, "lowres", net)
         check_same_channels(init, channels, cfg.loop.init_from)
+        check_same_objective(init, cfg.diffusion.objective, cfg.loop.init_from)
         mean, std = init["channel_mean"], init["channel_std"]      # keep the constants the weights know
         scaling = init_demographic_scaling(init, cfg.model.standardize_demographics, cfg.loop.init_from)
         if progress and not has_checkpoint(cfg.run_dir):
@@ -255,11 +303,13 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
         u, cond = samples.batch(idx)
         return standardize.to_net(u), expand_cond(standardize_demographics(cond, norm), shape)
 
-    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
+    d = cfg.diffusion
+    loss = make_loss(d.objective, d.P_mean, d.P_std, d.sigma_data, d.time_distribution)
     trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm,
-                      cfg.diffusion.sigma_data, device=device, progress=progress)
+                      device=device, progress=progress)
     if progress and trainer.dist.main:
-        print(f"low-res model: {count_parameters(net) / 1e6:.1f} M parameters, channels {channels.names}, "
+        print(f"low-res model: {count_parameters(net) / 1e6:.1f} M parameters, {d.objective} objective, "
+              f"channels {channels.names}, "
               f"samples {shape}, "
               f"{len(volumes)} subjects × {cfg.data.factor ** 3} offsets = {len(samples)} training samples")
     return trainer.run()

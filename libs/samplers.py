@@ -1,11 +1,14 @@
-"""Samplers for the EDM probability-flow ODE / SDE (Karras et al. 2022), k-diffusion style.
+"""Samplers for the EDM probability-flow ODE / SDE (Karras et al. 2022), k-diffusion style; flow-matching
+models are sampled by the same functions through :class:`libs.diffusion.VelocityDenoiser`.
 
 Every sampler is a pure function with one signature::
 
     sample_x(denoiser, x, sigmas, cond=None, churn=0.0, s_tmin=0.0, s_tmax=inf, s_noise=1.0,
-             generator=None, progress=False) -> x0
+             generator=None, progress=False, space="sigma") -> x0
 
-``denoiser(x, sigma_batch, cond)`` returns D(x; σ) (e.g. :class:`libs.diffusion.Denoiser`); ``x`` is the
+``denoiser(x, sigma_batch, cond)`` returns D(x; σ) (e.g. :class:`libs.diffusion.Denoiser`, or
+:class:`libs.diffusion.VelocityDenoiser` for a flow model); ``space`` says in which variables the ODE steps
+are taken ('sigma': EDM's x_σ over σ; 'flow': x_t over t = 1 / (1 + σ)); ``x`` is the
 initial noise already scaled by ``sigmas[0]``, shape (B, C, X, Y, Z); ``sigmas`` is a decreasing schedule
 ending in 0 (:func:`karras_sigmas`).  ``generator`` drives the churn noise: None, one generator, or one per
 sample (see :func:`per_sample_generators`) so that subject k's result depends only on its own seed.
@@ -33,6 +36,29 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + ramp * (lo - hi)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def uniform_time_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, device=None) -> torch.Tensor:
+    """Noise levels whose flow times t = 1 / (1 + σ) are equally spaced from 1 / (1 + σ_max) to
+    1 / (1 + σ_min), plus a final 0 (t = 1).  Returns (steps + 1,) float64, decreasing."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = torch.linspace(1 / (1 + sigma_max), 1 / (1 + sigma_min), steps, dtype=torch.float64, device=device)
+    return torch.cat([(1 - t) / t, t.new_zeros(1)])
+
+
+SCHEDULES = ("karras", "uniform_time")
+
+
+def schedule_sigmas(schedule: str, steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                    device=None) -> torch.Tensor:
+    """The noise levels of a named schedule: 'karras' (EDM Eq. 5; as flow times, the research code's grid)
+    or 'uniform_time' (equal steps in flow time)."""
+    if schedule == "karras":
+        return karras_sigmas(steps, sigma_min, sigma_max, rho, device=device)
+    if schedule == "uniform_time":
+        return uniform_time_sigmas(steps, sigma_min, sigma_max, device=device)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def per_sample_generators(seeds: Sequence[int], stream: int = 1, device="cpu") -> list[torch.Generator]:
@@ -68,36 +94,69 @@ def _gamma(sigma, churn, steps, s_tmin, s_tmax):
     return min(churn / steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
 
 
-def _sample(denoiser, x, sigmas, cond, churn, s_tmin, s_tmax, s_noise, generator, progress, heun):
+SPACES = ("sigma", "flow")
+
+
+def _to_space(y: torch.Tensor, sigma: float, space: str) -> torch.Tensor:
+    """EDM state x_σ → the integration variable: x_σ itself ('sigma') or x_t = x_σ / (1 + σ) ('flow')."""
+    return y if space == "sigma" else y / (1 + sigma)
+
+
+def _from_space(z: torch.Tensor, sigma: float, space: str) -> torch.Tensor:
+    return z if space == "sigma" else z * (1 + sigma)
+
+
+def _time(sigma: float, space: str) -> float:
+    """The integration time: σ ('sigma') or t = 1 / (1 + σ) ('flow')."""
+    return sigma if space == "sigma" else 1 / (1 + sigma)
+
+
+def _slope(denoiser, y, sigma, cond, space):
+    """The ODE's derivative at (x_σ, σ) in the chosen variables, from one denoiser call:
+    'sigma': dx_σ/dσ = (x_σ − D) / σ (EDM Eq. 4); 'flow': dx_t/dt = v = (D − x_t) / (1 − t)."""
+    d = denoiser(y, y.new_full((y.shape[0],), sigma), cond).float()
+    if space == "sigma":
+        return (y - d) / sigma
+    t = 1 / (1 + sigma)
+    return (d - t * y) / (1 - t)
+
+
+def _sample(denoiser, x, sigmas, cond, churn, s_tmin, s_tmax, s_noise, generator, progress, heun, space):
+    """One loop for every sampler: Euler / Heun steps of the probability-flow ODE between the noise levels
+    ``sigmas``, taken either in EDM's variables (x_σ, σ) or in flow's (x_t, t = 1 / (1 + σ)), x_t = x_σ / (1 + σ).
+    The two describe the same ODE; their Euler steps coincide (both are DDIM), their Heun corrections differ
+    at third order.  Churn always acts on x_σ (EDM Alg. 2)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     ts = [float(s) for s in sigmas]
     steps = len(ts) - 1
-    x = x.float()
-
-    def d(x_, t):  # the ODE derivative dx/dσ = (x − D(x; σ)) / σ  (EDM Eq. 4)
-        return (x_ - denoiser(x_, x_.new_full((x_.shape[0],), t), cond).float()) / t
-
+    y = x.float()
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
-        t_cur, t_next = ts[i], ts[i + 1]
-        gamma = _gamma(t_cur, churn, steps, s_tmin, s_tmax)
-        x_hat, t_hat = _churn(x, t_cur, gamma, s_noise, generator)
-        d_cur = d(x_hat, t_hat)
-        x = x_hat + (t_next - t_hat) * d_cur  # Euler step (Alg. 2 line 8)
-        if heun and t_next > 0:  # 2nd-order correction (Alg. 2 lines 9–11)
-            x = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d(x, t_next))
-    return x
+        s_cur, s_next = ts[i], ts[i + 1]
+        gamma = _gamma(s_cur, churn, steps, s_tmin, s_tmax)
+        y_hat, s_hat = _churn(y, s_cur, gamma, s_noise, generator)
+        z_hat, h = _to_space(y_hat, s_hat, space), _time(s_next, space) - _time(s_hat, space)
+        k_cur = _slope(denoiser, y_hat, s_hat, cond, space)
+        z = z_hat + h * k_cur                                  # Euler step (Alg. 2 line 8)
+        if heun and s_next > 0:                                # 2nd-order correction (Alg. 2 lines 9–11)
+            z = z_hat + h * (0.5 * k_cur + 0.5 * _slope(denoiser, _from_space(z, s_next, space), s_next, cond, space))
+        y = _from_space(z, s_next, space)
+    return y
 
 
 def sample_heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor | None = None,
                 churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                generator: Generators = None, progress: bool = False) -> torch.Tensor:
+                generator: Generators = None, progress: bool = False, space: str = "sigma") -> torch.Tensor:
     """EDM Algorithm 2: Heun's 2nd-order method with optional stochastic churn (deterministic EDM
     Alg. 1 when ``churn`` = 0).  x (B, C, X, Y, Z) noise at sigmas[0] → sample (B, C, X, Y, Z) float32;
-    2·N − 1 denoiser calls for N steps."""
-    return _sample(denoiser, x, sigmas, cond, churn, s_tmin, s_tmax, s_noise, generator, progress, True)
+    2·N − 1 denoiser calls for N steps.  ``space='flow'`` takes the steps in flow time instead (x_t, t): the
+    research code's RK2 on the times t_i = 1 / (1 + σ_i)."""
+    return _sample(denoiser, x, sigmas, cond, churn, s_tmin, s_tmax, s_noise, generator, progress, True, space)
 
 
 def sample_euler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor | None = None,
                  churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                 generator: Generators = None, progress: bool = False) -> torch.Tensor:
-    """First-order Euler version of :func:`sample_heun` (same churn); N denoiser calls for N steps."""
-    return _sample(denoiser, x, sigmas, cond, churn, s_tmin, s_tmax, s_noise, generator, progress, False)
+                 generator: Generators = None, progress: bool = False, space: str = "sigma") -> torch.Tensor:
+    """First-order Euler version of :func:`sample_heun` (same churn); N denoiser calls for N steps.  Its steps
+    are the same in both spaces (DDIM)."""
+    return _sample(denoiser, x, sigmas, cond, churn, s_tmin, s_tmax, s_noise, generator, progress, False, space)

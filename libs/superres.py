@@ -31,7 +31,7 @@ import torch
 from .channels import ChannelSet, check_same_channels
 from .config import ConfigError, check_range, load_config, same_value, to_dict
 from .data import CohortVolumes, offset_of
-from .diffusion import EDM2Loss
+from .diffusion import make_loss
 from .lowres import (
     DataConfig,
     HeightLaw,
@@ -40,6 +40,8 @@ from .lowres import (
     SamplerSettings,
     Standardize,
     channel_stats,
+    check_objective,
+    check_same_objective,
     demographic_scaling,
     expand_cond,
     init_demographic_scaling,
@@ -80,9 +82,12 @@ class SRDiffusionConfig:
     sigma_data: float = 0.5                # the SD each channel's residual is scaled to
     residual_std: list[float] | None = None    # per-channel residual SD (CT, PET[, labels]); None: measured
     sigma_data_samples: int = 256          # random (subject, offset, patch) draws used for the measurement
+    objective: str = "edm"                 # edm | flow, as the low-res stage's diffusion.objective (either may
+    time_distribution: str = "logit_normal"    # pair with either: the research cascade is diffusion -> flow)
 
     def __post_init__(self):
         check_range("sigma_data", self.sigma_data, low=0.0, low_inclusive=False)
+        check_objective(self)
         if self.residual_std is not None and (len(self.residual_std) < 2 or min(self.residual_std) <= 0):
             raise ValueError(f"residual_std must be positive numbers, one per channel (CT, PET[, labels]), got "
                              f"{self.residual_std}")
@@ -280,7 +285,8 @@ def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, residual_std, c
     lowres_like.data.grid, lowres_like.data.factor = list(pairing.grid), pairing.factor
     lowres_like.data.labels = pairing.labels
     lowres_like.diffusion.sigma_data = pairing.net_sigma
-    return {**normalization(lowres_like, mean, std, cond_scaling), "net_sigma": pairing.net_sigma,
+    return {**normalization(lowres_like, mean, std, cond_scaling), "objective": cfg.diffusion.objective,
+            "net_sigma": pairing.net_sigma,
             "sigma_data": cfg.diffusion.sigma_data, "residual_std": [float(v) for v in residual_std],
             "patch": list(cfg.data.patch),
             "cond": [f"up(lr) {c}" for c in pairing.channels.names] + [
@@ -304,6 +310,7 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
         from .generate import load_init_weights
         init = load_init_weights(cfg.loop.init_from, "superres", net)
         check_same_channels(init, channels, cfg.loop.init_from)
+        check_same_objective(init, cfg.diffusion.objective, cfg.loop.init_from)
         mean, std, residual_std = init["channel_mean"], init["channel_std"], init["residual_std"]
         scaling = init_demographic_scaling(init, cfg.model.standardize_demographics, cfg.loop.init_from)
         if progress and not has_checkpoint(cfg.run_dir):
@@ -326,11 +333,13 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
         residual, cond = patches.batch(rng, cfg.optim.batch // world, cfg.augment, aug_rng)
         return scale.to_net(residual), cond
 
-    loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
-    trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm, cfg.diffusion.sigma_data,
+    d = cfg.diffusion
+    loss = make_loss(d.objective, d.P_mean, d.P_std, d.sigma_data, d.time_distribution)
+    trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm,
                       device=device, progress=progress)
     if progress and trainer.dist.main:
-        print(f"super-res model: {count_parameters(net) / 1e6:.1f} M parameters, channels {channels.names}, "
+        print(f"super-res model: {count_parameters(net) / 1e6:.1f} M parameters, {d.objective} objective, "
+              f"channels {channels.names}, "
               f"patches {tuple(cfg.data.patch)} of "
               f"{pairing.grid}, residual SD CT {residual_std[0]:.4f} / PET {residual_std[1]:.4f} "
               f"(scaled to {cfg.diffusion.sigma_data})")

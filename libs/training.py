@@ -1,6 +1,7 @@
 """The training loop shared by both cascade stages: step / checkpoint / report, resume, EMA, DDP.
 
-A stage supplies a network, a loss callable ``loss(denoiser, x, cond, generator) -> (B,)`` and a batch
+A stage supplies a network, a loss callable ``loss(model, x, cond, generator) -> (B,)`` (whose
+``loss.wrap(net)`` builds that model: a preconditioned denoiser or a velocity model) and a batch
 function ``batch(step, rank, world) -> (x, cond)``; everything else lives here.  Every random draw of a
 step is seeded from (seed, step, rank), and the batch is a pure function of the step, so a run that is
 stopped and resumed ends with exactly the weights of an uninterrupted run (on the same device).
@@ -36,7 +37,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, check_range, same_value
-from .diffusion import Denoiser
 from .ema import PowerFunctionEMA
 from .files import atomic_write_text
 
@@ -150,7 +150,7 @@ class Trainer:
     """Runs ``steps`` optimizer steps of ``loss`` on batches from ``batch_fn``, resuming from ``run_dir``."""
 
     def __init__(self, net: nn.Module, loss: Callable, batch_fn: Callable, optim: OptimConfig, loop: LoopConfig,
-                 run_dir: str | os.PathLike, config: dict, normalization: dict, sigma_data: float,
+                 run_dir: str | os.PathLike, config: dict, normalization: dict,
                  device: str = "auto", progress: bool = True):
         self.dist = init_distributed(device)
         self.device = pick_device(device, self.dist)
@@ -171,7 +171,7 @@ class Trainer:
         if self.dist.world > 1:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.denoiser = Denoiser(model, sigma_data)
+        self.model = loss.wrap(model)
 
     # -- checkpoint ---------------------------------------------------------------------------------
     def _resume(self) -> int:
@@ -212,6 +212,10 @@ class Trainer:
     def _check_same_data(self, recorded: dict, path: Path) -> None:
         """A resumed run must see the data it started on: the constants measured on it now (channel
         statistics, residual scales) must equal the checkpoint's, else the cohort changed under it."""
+        had, has = recorded.get("objective", "edm"), self.normalization.get("objective", "edm")
+        if had != has:
+            raise ConfigError(f"{path}: this run was trained with the {had} objective, the config now says {has}; "
+                              f"set diffusion.objective: {had} to resume it, or use a new run_dir")
         changed = [k for k in MEASURED_CONSTANTS if k in recorded and k in self.normalization
                    and not same_value(recorded[k], self.normalization[k])]
         if changed:
@@ -239,7 +243,7 @@ class Trainer:
             group["lr"] = self.optim_cfg.lr(self.step)
         x, cond = self._to_device(x), self._to_device(cond)
         with self._autocast():
-            loss = self.loss(self.denoiser, x, cond, generator=gen).mean()
+            loss = self.loss(self.model, x, cond, generator=gen).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in self.net.parameters():                 # keep Adam away from rare non-finite gradients

@@ -86,3 +86,31 @@ def test_fidelity_bench_with_label_channels_reports_the_organ_table(tmp_path):
     assert "## Organs: generated labels" in md and "Image–label consistency" in md
     comparison = (out / "comparison" / "comparison.md").read_text()
     assert "## Label sources" in comparison and "generated 12" in comparison and "provided 12" in comparison
+
+
+def test_flow_arm_and_the_side_by_side_table(tmp_path):
+    """--objective flow with flow presets, then bench/compare_arms.py against an EDM run of the same seeds."""
+    low, sr = _presets(tmp_path)
+    for raw_path, section in ((low, "diffusion"), (sr, "diffusion")):
+        raw = yaml.safe_load(raw_path.read_text())
+        raw.setdefault(section, {})["objective"] = "flow"
+        flow_path = raw_path.with_name(raw_path.stem + "_flow.yaml")
+        if raw_path == sr:
+            raw["lowres_config"] = str(low.with_name("low_flow.yaml"))
+        flow_path.write_text(yaml.safe_dump(raw))
+    runs = {}
+    for arm, (lo, s) in {"edm": (low, sr), "flow": (tmp_path / "low_flow.yaml", tmp_path / "sr_flow.yaml")}.items():
+        runs[arm] = tmp_path / arm
+        res = _bench("--out", str(runs[arm]), "--train-subjects", "8", "--subjects", "8", "--objective", arm,
+                     "--lowres-config", str(lo), "--superres-config", str(s))
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert "(objectives flow + flow)" in (runs["flow"] / "fidelity.md").read_text()
+    out = tmp_path / "arms.md"
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_arms.py"), str(runs["edm"]),
+                          str(runs["flow"]), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1].startswith(f"{out}: body: p<0.05 EDM ")
+    md = out.read_text()
+    assert "the same held-out reference and noise floor" in md
+    assert "| lowres: objective, sampler | edm, heun 3 steps in sigma | flow, heun 3 steps in flow |" in md, md
+    assert "| network evaluations per subject" in md and "| body | volume_ml | sex=F |" in md

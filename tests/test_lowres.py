@@ -183,7 +183,7 @@ def _ddp_compare(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> 
         return x * 2 - 1, expand_cond(c, samples.shape)
 
     trainer = Trainer(cfg.model.build(2, 4), EDM2Loss(), batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg),
-                      normalization(cfg), 0.5, device="cpu", progress=False)
+                      normalization(cfg), device="cpu", progress=False)
     trainer.run()
     flat = torch.cat([p.detach().flatten() for p in trainer.net.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(world)]

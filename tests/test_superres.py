@@ -45,15 +45,18 @@ def setup(tmp_path_factory):
     return root
 
 
-def write_pair(root: Path, cohort: Path, low_data: dict | None = None, sr_model: dict | None = None) -> None:
+def write_pair(root: Path, cohort: Path, low_data: dict | None = None, sr_model: dict | None = None,
+               objectives: tuple[str, str] = ("edm", "edm")) -> None:
     """root/low.yaml and root/sr.yaml: the tiny pair on ``cohort``, runs under root/runs/{low,sr}; ``low_data`` and
-    ``sr_model`` update the low-res data and SR model sections."""
+    ``sr_model`` update the low-res data and SR model sections; ``objectives`` = (low-res, SR) diffusion.objective."""
     low = json.loads(json.dumps(LOWRES))
     low["data"].update(cohort=str(cohort), **(low_data or {}))
+    low["diffusion"] = {"objective": objectives[0]}
     low["run_dir"] = str(root / "runs" / "low")
     (root / "low.yaml").write_text(yaml.safe_dump(low))
     sr = json.loads(json.dumps(SR))
     sr["model"].update(sr_model or {})
+    sr["diffusion"]["objective"] = objectives[1]
     sr["data"]["cohort"], sr["run_dir"], sr["lowres_config"] = str(cohort), str(root / "runs" / "sr"), \
         str(root / "low.yaml")
     (root / "sr.yaml").write_text(yaml.safe_dump(sr))
