@@ -111,6 +111,15 @@ class ChannelSet:
     def labels(self) -> slice:
         return slice(2, self.count)
 
+    def loss_weights(self, label_weight: float) -> list[float] | None:
+        """Per-channel weights of the training loss: 1 for CT and PET, ``label_weight`` shared equally by the
+        label channels (so K + 1 one-hot channels together count like ``label_weight`` image channels instead of
+        outvoting the two images K + 1 : 2); None without labels (a plain mean)."""
+        if not self.has_labels:
+            return None
+        k = self.n_classes
+        return [1.0, 1.0] + [label_weight / k] * k
+
     def full_stats(self, image_mean: list[float], image_std: list[float]) -> tuple[list[float], list[float]]:
         """Per-channel standardization constants: the measured CT / PET ones, then the fixed label ones."""
         k = self.n_classes

@@ -82,6 +82,19 @@ class Denoiser(nn.Module):
         return (d_x, logvar.float().reshape(-1)) if return_logvar else d_x
 
 
+def channel_mean(err2: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared errors (B, C, ...) → (B,): the mean over channels and voxels, or with ``weights`` (C,) the
+    weighted mean over channels of each channel's voxel mean."""
+    if weights is None:
+        return err2.mean(dim=tuple(range(1, err2.ndim)))
+    w = weights.to(device=err2.device, dtype=err2.dtype)
+    return (err2.mean(dim=tuple(range(2, err2.ndim))) * w).sum(1) / w.sum()
+
+
+def _weights(channel_weights) -> torch.Tensor | None:
+    return None if channel_weights is None else torch.as_tensor(channel_weights, dtype=torch.float32)
+
+
 def sample_training_sigma(batch: int, P_mean: float = -0.4, P_std: float = 1.0,
                           generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Log-normal training noise levels, ln σ ~ N(P_mean, P_std²) (EDM Table 1) → (batch,) float32."""
@@ -100,10 +113,12 @@ class EDMLoss:
     """EDM loss (Eq. 2 with Table 1 weighting): λ(σ) · mean‖D(x + σn; σ) − x‖² per sample.
 
     Defaults are the EDM paper's (P_mean −1.2, P_std 1.2); the TotalGen preset uses :class:`EDM2Loss`.
+    ``channel_weights`` (C,): a weighted mean over channels (:func:`channel_mean`) instead of the plain mean.
     """
 
-    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, channel_weights=None):
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.channel_weights = _weights(channel_weights)
 
     def wrap(self, net: nn.Module) -> Denoiser:
         return Denoiser(net, self.sigma_data)
@@ -117,7 +132,7 @@ class EDMLoss:
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """x (B, C, X, Y, Z) clean data, cond as for the denoiser → loss (B,)."""
         x_noisy, sigma = self.noisy(x.float(), generator)
-        mse = (denoiser(x_noisy, sigma, cond) - x.float()).square().mean(dim=tuple(range(1, x.ndim)))
+        mse = channel_mean((denoiser(x_noisy, sigma, cond) - x.float()).square(), self.channel_weights)
         return edm_weight(sigma, self.sigma_data) * mse
 
 
@@ -131,15 +146,15 @@ class EDM2Loss(EDMLoss):
     The mean over voxels (EDM2 sums over pixels) only rescales the loss; Adam is invariant to that.
     """
 
-    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
-        super().__init__(P_mean, P_std, sigma_data)
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5, channel_weights=None):
+        super().__init__(P_mean, P_std, sigma_data, channel_weights)
 
     def __call__(self, denoiser, x: torch.Tensor, cond: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """x (B, C, X, Y, Z) clean data, cond as for the denoiser → loss (B,)."""
         x_noisy, sigma = self.noisy(x.float(), generator)
         d_x, logvar = denoiser(x_noisy, sigma, cond, return_logvar=True)
-        mse = (d_x - x.float()).square().mean(dim=tuple(range(1, x.ndim)))
+        mse = channel_mean((d_x - x.float()).square(), self.channel_weights)
         return edm_weight(sigma, self.sigma_data) / logvar.exp() * mse + logvar
 
 
@@ -213,10 +228,12 @@ class FlowLoss:
 
     At the exact velocity E[x − n | x_t] the loss equals E Var(x − n | x_t), its irreducible value."""
 
-    def __init__(self, time_distribution: str = "logit_normal", P_mean: float = -0.4, P_std: float = 1.0):
+    def __init__(self, time_distribution: str = "logit_normal", P_mean: float = -0.4, P_std: float = 1.0,
+                 channel_weights=None):
         if time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(f"time distribution must be one of {TIME_DISTRIBUTIONS}, got {time_distribution!r}")
         self.time_distribution, self.P_mean, self.P_std = time_distribution, P_mean, P_std
+        self.channel_weights = _weights(channel_weights)
 
     def wrap(self, net: nn.Module) -> VelocityModel:
         return VelocityModel(net)
@@ -232,19 +249,20 @@ class FlowLoss:
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """x (B, C, X, Y, Z) clean data, cond as for the model → loss (B,)."""
         x_t, t, target = self.noisy(x.float(), generator)
-        return (model(x_t, t, cond) - target).square().mean(dim=tuple(range(1, x.ndim)))
+        return channel_mean((model(x_t, t, cond) - target).square(), self.channel_weights)
 
 
 OBJECTIVES = ("edm", "flow")
 
 
 def make_loss(objective: str, P_mean: float, P_std: float, sigma_data: float,
-              time_distribution: str = "logit_normal"):
-    """The training loss of ``objective``: 'edm' (the EDM2 uncertainty-weighted loss) or 'flow'."""
+              time_distribution: str = "logit_normal", channel_weights=None):
+    """The training loss of ``objective``: 'edm' (the EDM2 uncertainty-weighted loss) or 'flow'; with
+    ``channel_weights`` (C,) its squared error is a weighted mean over channels."""
     if objective == "edm":
-        return EDM2Loss(P_mean, P_std, sigma_data)
+        return EDM2Loss(P_mean, P_std, sigma_data, channel_weights)
     if objective == "flow":
-        return FlowLoss(time_distribution, P_mean, P_std)
+        return FlowLoss(time_distribution, P_mean, P_std, channel_weights)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 

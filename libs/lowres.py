@@ -71,7 +71,8 @@ class ModelConfig:
 
 
 def check_objective(cfg) -> None:
-    """Validate a stage's ``diffusion.objective`` / ``diffusion.time_distribution``."""
+    """Validate a stage's ``diffusion.objective`` / ``diffusion.time_distribution`` / ``diffusion.label_weight``."""
+    check_range("label_weight", cfg.label_weight, low=0.0, low_inclusive=False)
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     if cfg.time_distribution not in TIME_DISTRIBUTIONS:
@@ -89,6 +90,9 @@ class DiffusionConfig:
     objective: str = "edm"
     # flow training times: logit_normal (t = 1 / (1 + σ), ln σ ~ N(P_mean, P_std²)) or uniform
     time_distribution: str = "logit_normal"
+    # loss weight of all organ-label channels together, relative to one image channel (CT, PET: 1 each); a plain
+    # mean over channels would give the K + 1 one-hot channels K + 1 votes against the images' two
+    label_weight: float = 1.0
 
     def __post_init__(self):
         check_range("sigma_data", self.sigma_data, low=0.0, low_inclusive=False)
@@ -304,7 +308,8 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
         return standardize.to_net(u), expand_cond(standardize_demographics(cond, norm), shape)
 
     d = cfg.diffusion
-    loss = make_loss(d.objective, d.P_mean, d.P_std, d.sigma_data, d.time_distribution)
+    loss = make_loss(d.objective, d.P_mean, d.P_std, d.sigma_data, d.time_distribution,
+                     channels.loss_weights(d.label_weight))
     trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm,
                       device=device, progress=progress)
     if progress and trainer.dist.main:

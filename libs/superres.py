@@ -84,6 +84,7 @@ class SRDiffusionConfig:
     sigma_data_samples: int = 256          # random (subject, offset, patch) draws used for the measurement
     objective: str = "edm"                 # edm | flow, as the low-res stage's diffusion.objective (either may
     time_distribution: str = "logit_normal"    # pair with either: the research cascade is diffusion -> flow)
+    label_weight: float = 1.0              # loss weight of all label channels together (see lowres.py)
 
     def __post_init__(self):
         check_range("sigma_data", self.sigma_data, low=0.0, low_inclusive=False)
@@ -334,7 +335,8 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
         return scale.to_net(residual), cond
 
     d = cfg.diffusion
-    loss = make_loss(d.objective, d.P_mean, d.P_std, d.sigma_data, d.time_distribution)
+    loss = make_loss(d.objective, d.P_mean, d.P_std, d.sigma_data, d.time_distribution,
+                     channels.loss_weights(d.label_weight))
     trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm,
                       device=device, progress=progress)
     if progress and trainer.dist.main:

@@ -137,3 +137,21 @@ def test_pairing_and_fine_tunes_refuse_another_label_set(setup):
     with pytest.raises(ChannelError, match="trained on the channels"):
         check_same_channels(base, CS, "w.safetensors")
     check_same_channels(with_labels, CS, "w.safetensors")
+
+
+def test_label_channels_share_one_loss_weight_and_do_not_outvote_the_images():
+    channels = ChannelSet.from_groups(DEFAULT_LABEL_GROUPS)
+    weights = channels.loss_weights(1.0)
+    assert len(weights) == channels.count == 13 and weights[:2] == [1.0, 1.0]
+    assert sum(weights[2:]) == pytest.approx(1.0), "all label channels together weigh like one image channel"
+    assert ChannelSet.from_groups(None).loss_weights(1.0) is None, "CT + PET only: the plain mean, as before"
+    err2 = torch.zeros(3, 13, 4, 4, 4)
+    err2[:, 2:] = 1.0                              # images perfect, every label channel wrong by 1
+    from libs.diffusion import EDM2Loss, channel_mean
+    assert channel_mean(err2).tolist() == pytest.approx([11 / 13] * 3), "unweighted: the labels dominate"
+    assert channel_mean(err2, torch.tensor(weights)).tolist() == pytest.approx([1 / 3] * 3)
+    err2[:, 0] = 4.0                               # and CT wrong by 2
+    assert channel_mean(err2, torch.tensor(channels.loss_weights(0.5))).tolist() == pytest.approx([4.5 / 2.5] * 3)
+    assert EDM2Loss(channel_weights=weights).channel_weights.tolist() == pytest.approx(weights)
+    with pytest.raises(ConfigError, match="label_weight"):
+        load_config({"diffusion": {"label_weight": 0}}, LowresConfig)
