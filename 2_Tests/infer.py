@@ -3,6 +3,7 @@
 
     python 2_Tests/infer.py --lowres runs/lowres_paper --superres runs/superres_paper \
         --demographics cohort.csv --out results/synthetic
+    python 2_Tests/infer.py --model_dir Resource/demo_weights ...   # exported weights (*.safetensors) work too
     torchrun --nproc_per_node 4 2_Tests/infer.py ...          # rows split across GPUs
 
 Writes the cohort directory layout (demographics.csv, ct/, suv/, previews/, meta/). Rerunning resumes:
@@ -25,11 +26,14 @@ def _replace(cfg, **values):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--lowres", type=click.Path(), metavar="CKPT",
-              help="Low-resolution checkpoint (ckpt-*.pt) or its run folder (newest checkpoint).")
+              help="Low-resolution checkpoint (ckpt-*.pt), its run folder (newest checkpoint), or exported "
+                   "weights (*.safetensors).")
 @click.option("--superres", type=click.Path(), metavar="CKPT",
-              help="Super-resolution checkpoint or run folder; without it only the low-res stage runs.")
+              help="Super-resolution checkpoint, run folder or exported weights; without it only the low-res stage "
+                   "runs.")
 @click.option("--model_dir", "--model-dir", "model_dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Find the newest low-res and super-res checkpoints under DIR (instead of --lowres/--superres).")
+              help="Find the newest low-res and super-res checkpoints (or exported weights) under DIR (instead "
+                   "of --lowres/--superres).")
 @click.option("--demographics", "--demo_csv", "demographics", required=True, type=click.Path(dir_okay=False),
               metavar="CSV", help="subject_id,height_m,weight_kg,sex,age_years (heights in metres)")
 @click.option("--out", "--output_dir", "out", required=True, type=click.Path(file_okay=False), metavar="DIR",
@@ -38,7 +42,7 @@ def _replace(cfg, **values):
               help="Low-res sampler steps [default: the checkpoint's].")
 @click.option("--steps-sr", type=click.IntRange(1, 1000), metavar="N",
               help="SR sampler steps [default: the checkpoint's].")
-@click.option("--solver", type=click.Choice(["heun", "euler"]),
+@click.option("--solver", type=click.Choice(["heun", "euler", "dpmpp_2m"]),
               help="Sampler of both stages [default: the checkpoints'].")
 @click.option("--churn", type=click.FloatRange(0.0), metavar="S",
               help="EDM stochastic churn S of both stages, γ = min(S / steps, √2 − 1) per step "
@@ -64,9 +68,13 @@ def _replace(cfg, **values):
 @click.option("--no-previews", is_flag=True, help="Do not write previews/<id>.png.")
 @click.option("--overwrite", is_flag=True,
               help="Regenerate every subject; also write into a folder this job did not create.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="Run the networks under torch.compile (worth it on a GPU for many subjects; the first calls "
+                   "compile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, ode_space, schedule,
-         sr_cond_noise, window, overlap, window_batch, seed, batch, device, no_ema, no_previews, overwrite, quiet):
+         sr_cond_noise, window, overlap, window_batch, seed, batch, device, no_ema, no_previews, overwrite, compile_,
+         quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
@@ -83,7 +91,7 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
         both = {"solver": solver, "churn": churn, "ode_space": ode_space, "schedule": schedule}
         report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both,
                                sr_cond_noise, window, overlap, window_batch, seed, batch, device, not no_ema,
-                               not no_previews, overwrite, not quiet)
+                               not no_previews, overwrite, not quiet, compile_)
         click.echo(f"{out}: {len(report.written)} written, {len(report.skipped)} already complete, "
                    f"{len(report.failed)} failed in {report.seconds:.1f} s")
         for key, reason in report.failed.items():
@@ -95,7 +103,7 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
 
 
 def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both: dict, cond_noise, window,
-                  overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress):
+                  overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress, compile_=False):
     """Resolve sampler settings (checkpoint defaults + options; ``both``: settings given for both stages, None =
     the checkpoint's) and run the job."""
     import torch
@@ -106,12 +114,12 @@ def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, b
     s_lr = _replace(load_lowres_model(lowres, cpu, ema=False).config.sample, steps=steps_lowres, **both)
     if not superres:
         return generate_lowres_cohort(lowres, demographics, out, seed, s_lr, batch, device, ema, previews, overwrite,
-                                      progress)
+                                      progress, compile_)
     sr_cfg = load_sr_model(superres, cpu, ema=False).config
     s_sr = _replace(sr_cfg.sample, steps=steps_sr, cond_noise=cond_noise, **both)
     win = _replace(sr_cfg.window, size=list(window) if window else None, overlap=overlap, batch=window_batch)
     return generate_cascade_cohort(lowres, superres, demographics, out, seed, s_lr, s_sr, win, batch, device, ema,
-                                   previews, overwrite, progress)
+                                   previews, overwrite, progress, compile_)
 
 
 if __name__ == "__main__":

@@ -56,9 +56,13 @@ from libs.diffusion import Denoiser, EDM2Loss
 from libs.generate import Model, sample_lowres, subject_seed
 from libs.lowres import LowresConfig, Standardize
 from libs.nn import count_parameters
+from libs.samplers import network_calls
 from libs.superres import COND_CHANNELS, Pairing, ResidualPatches, SRConfig, sr_normalization
-from libs.training import Trainer
+from libs.training import Trainer, memory_format
 from libs.windows import window_grid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_flops import RESEARCH, CallCounter, Recipe, flop_table, parse_recipe, preset_recipe, subject_flops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "1_Trainings" / "configs"
@@ -82,11 +86,17 @@ def _configs(size: str) -> tuple[LowresConfig, SRConfig]:
     return load_config(CONFIGS / lr_name, LowresConfig), load_config(CONFIGS / sr_name, SRConfig)
 
 
-def _lowres_model(size: str, device: torch.device, seed: int) -> Model:
+def _inference_net(net: torch.nn.Module, device: torch.device, compile_: bool) -> torch.nn.Module:
+    """As libs.generate.load_stage prepares a loaded network: eval, the device's layout, optionally compiled."""
+    net = net.eval().to(device, memory_format=memory_format(device))
+    return torch.compile(net) if compile_ else net
+
+
+def _lowres_model(size: str, device: torch.device, seed: int, compile_: bool = False) -> Model:
     """A libs.generate.Model as load_lowres_model returns it, with random weights and stand-in constants."""
     cfg, _ = _configs(size)
     torch.manual_seed(seed)
-    net = cfg.model.build(in_channels=2, cond_channels=4).eval().to(device)
+    net = _inference_net(cfg.model.build(in_channels=2, cond_channels=4), device, compile_)
     std = Standardize(CHANNEL_MEAN, CHANNEL_STD, cfg.diffusion.sigma_data)
     return Model(Denoiser(net, cfg.diffusion.sigma_data), cfg, CONFIGS / PRESETS[size][0], "random-init", 0, std)
 
@@ -97,11 +107,11 @@ def _sr_normalization(size: str) -> tuple[SRConfig, Pairing, dict]:
     return sr_cfg, pairing, sr_normalization(sr_cfg, pairing, CHANNEL_MEAN, CHANNEL_STD, SR_RESIDUAL_STD)
 
 
-def _sr_model(size: str, device: torch.device, seed: int) -> SRModel:
+def _sr_model(size: str, device: torch.device, seed: int, compile_: bool = False) -> SRModel:
     """A libs.cascade.SRModel as load_sr_model returns it, with random weights and stand-in constants."""
     cfg, _, norm = _sr_normalization(size)
     torch.manual_seed(seed + 1)
-    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS).eval().to(device)
+    net = _inference_net(cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS), device, compile_)
     sigma = float(norm["sigma_data"])
     return SRModel(Denoiser(net, sigma), cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,
                    CONFIGS / PRESETS[size][1], "random-init", 0)
@@ -133,8 +143,8 @@ def _body(grid) -> torch.Tensor:
 
 
 def _evals(solver: str, steps: int) -> int:
-    """Denoiser evaluations of one sampling run (Heun: 2N − 1, Euler: N)."""
-    return 2 * steps - 1 if solver == "heun" else steps
+    """Denoiser evaluations of one sampling run (Heun: 2N − 1, Euler and DPM-Solver++(2M): N)."""
+    return network_calls(solver, steps)
 
 
 def _windows(sr_cfg: SRConfig, pairing: Pairing) -> tuple[list[int], int]:
@@ -176,10 +186,10 @@ def _prime(device: torch.device) -> None:
 
 def _lowres_cell(spec: dict, device: torch.device):
     """(warm-up fn, timed fn, subjects per call, evaluations per call) of low-res sampling."""
-    model = _lowres_model(spec["size"], device, spec["seed"])
+    model = _lowres_model(spec["size"], device, spec["seed"], spec.get("compile", False))
     records = _subjects(spec["batch"])
     seeds = [subject_seed(spec["seed"], d.subject_id) for d in records]
-    sample = dataclasses.replace(model.config.sample, steps=spec["steps"])
+    sample = _sampler(model.config.sample, spec)
     one = dataclasses.replace(sample, steps=1)
     warm = functools.partial(sample_lowres, model, records, seeds, one, device)
     fn = functools.partial(sample_lowres, model, records, seeds, sample, device)
@@ -188,17 +198,27 @@ def _lowres_cell(spec: dict, device: torch.device):
 
 def _sr_cell(spec: dict, device: torch.device):
     """(warm-up fn, timed fn, subjects per call, evaluations per call) of whole-volume SR sampling."""
-    model = _sr_model(spec["size"], device, spec["seed"])
+    model = _sr_model(spec["size"], device, spec["seed"], spec.get("compile", False))
     demo = _subjects(1)[0]
     lr_shape = [g // model.factor for g in model.grid]
     lr_u = torch.rand(2, *lr_shape, generator=torch.Generator().manual_seed(spec["seed"]))
     seed = subject_seed(spec["seed"], demo.subject_id, stage=1)
-    sample = dataclasses.replace(model.config.sample, steps=spec["steps"])
+    sample = _sampler(model.config.sample, spec)
     one = dataclasses.replace(sample, steps=1)
     window = dataclasses.replace(model.config.window, batch=spec["window_batch"])
+    if spec.get("window"):
+        window = dataclasses.replace(window, size=list(spec["window"]), overlap=spec["overlap"])
     warm = functools.partial(sample_sr, model, lr_u, demo, seed, one, window, device)
     fn = functools.partial(sample_sr, model, lr_u, demo, seed, sample, window, device)
     return warm, fn, 1, _evals(sample.solver, sample.steps)
+
+
+def _sampler(sample, spec: dict):
+    """A stage's sampler settings with the cell's steps and, when given, its solver (churn 0 for the
+    deterministic multistep solver)."""
+    solver = spec.get("solver") or sample.solver
+    churn = 0.0 if solver == "dpmpp_2m" else sample.churn
+    return dataclasses.replace(sample, steps=spec["steps"], solver=solver, churn=churn)
 
 
 def _post_cell(spec: dict, device: torch.device):
@@ -221,7 +241,8 @@ def _train_cell(spec: dict, device: torch.device, tmp: str):
     net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
     optim = dataclasses.replace(cfg.optim, batch=spec["batch"])
     loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
-    trainer = Trainer(net, loss, None, optim, cfg.loop, Path(tmp) / "run", to_dict(cfg), norm,
+    loop = dataclasses.replace(cfg.loop, compile=spec.get("compile", False))
+    trainer = Trainer(net, loss, None, optim, loop, Path(tmp) / "run", to_dict(cfg), norm,
                       device=str(device), progress=False)
     x, cond = x.to(trainer.device), cond.to(trainer.device)
     fn = functools.partial(trainer.train_step, x, cond)
@@ -255,6 +276,10 @@ def measure(spec: dict) -> dict:
         out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     if kind == "train":
         out["images_per_s"] = items / median
+    if kind == "sr":
+        cfg, pairing, _ = _sr_normalization(spec["size"])
+        out["windows"] = len(window_grid(pairing.grid, spec.get("window") or cfg.window.size or cfg.data.patch,
+                                         spec["overlap"] if spec.get("window") else cfg.window.overlap)[1])
     return out
 
 
@@ -301,16 +326,26 @@ def _gib(r: dict | None) -> str:
     return "–" if r is None or "error" in r else f"{r['peak_mem_bytes'] / GIB:.2f}"
 
 
-def _pairs(results: list[dict], pairs: list[tuple[int, int]]) -> list[dict]:
-    """One row per (low-res steps, SR steps): per-subject seconds of each part, cascade total, speedups."""
-    ok = {(r["kind"], r.get("steps")): r for r in results if "error" not in r}
-    err = {(r["kind"], r.get("steps")): r["error"] for r in results if "error" in r}
-    post = ok.get(("post", None))
+STAGE_KEYS = {"lowres": ("steps", "solver"), "sr": ("steps", "solver", "window", "overlap")}
+
+
+def _cell_key(kind: str, spec: dict) -> str:
+    """What makes two sampling cells the same measurement."""
+    return json.dumps([kind] + [spec.get(k) for k in STAGE_KEYS.get(kind, ())])
+
+
+def _rows(results: list[dict], plan: list[dict]) -> list[dict]:
+    """One row per planned cascade (a step pair or a recipe): per-subject seconds of each part, cascade total,
+    speedups against the first row."""
+    ok = {_cell_key(r["kind"], r): r for r in results if "error" not in r}
+    err = {_cell_key(r["kind"], r): r["error"] for r in results if "error" in r}
+    post = ok.get(_cell_key("post", {}))
     rows = []
-    for n_lr, n_sr in pairs:
-        lr, sr = ok.get(("lowres", n_lr)), ok.get(("sr", n_sr))
-        row = {"steps_lowres": n_lr, "steps_sr": n_sr, "lowres": lr, "sr": sr,
-               "error": err.get(("lowres", n_lr)) or err.get(("sr", n_sr))}
+    for item in plan:
+        lk, sk = _cell_key("lowres", item["lowres"]), _cell_key("sr", item["sr"])
+        lr, sr = ok.get(lk), ok.get(sk)
+        row = {"name": item["name"], "steps_lowres": item["lowres"]["steps"], "steps_sr": item["sr"]["steps"],
+               "lowres": lr, "sr": sr, "error": err.get(lk) or err.get(sk)}
         if lr and sr:
             row["lowres_s"], row["sr_s"] = lr["per_item_s"], sr["per_item_s"]
             row["post_s"] = post["per_item_s"] if post else 0.0
@@ -323,22 +358,20 @@ def _pairs(results: list[dict], pairs: list[tuple[int, int]]) -> list[dict]:
     return rows
 
 
-def _pair_table(rows: list[dict], windows: int) -> str:
-    ref = f"{rows[0]['steps_lowres']}+{rows[0]['steps_sr']}" if rows else "first"
-    head = ["steps LR+SR", "evals LR / SR", "low-res s/subj", "SR s/subj", "post s/subj", "cascade s/subj",
-            f"speedup vs {ref} (LR / SR / cascade)", f"SR s/eval ({windows} window{'s' * (windows > 1)})",
-            "peak GiB LR / SR", "repeats LR / SR"]
+def _row_table(rows: list[dict]) -> str:
+    ref = rows[0]["name"] if rows else "first"
+    head = ["cascade", "evals LR / SR", "low-res s/subj", "SR s/subj", "post s/subj", "cascade s/subj",
+            f"speedup vs {ref} (LR / SR / cascade)", "SR s/eval (windows)", "peak GiB LR / SR", "repeats LR / SR"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         lr, sr = row["lowres"], row["sr"]
-        steps = f"{row['steps_lowres']}+{row['steps_sr']}"
         if "cascade_s" not in row:
-            lines.append("| " + " | ".join([steps, row["error"] or "–"] + ["–"] * (len(head) - 2)) + " |")
+            lines.append("| " + " | ".join([row["name"], row["error"] or "–"] + ["–"] * (len(head) - 2)) + " |")
             continue
         sp = row.get("speedup_vs_first")
         speed = " / ".join(f"{sp[k]:.2f}×" for k in ("lowres", "sr", "cascade")) if sp else "–"
-        cells = [steps, f"{lr['evals']} / {sr['evals']}", _secs(row["lowres_s"]), _secs(row["sr_s"]),
-                 _secs(row["post_s"]), _secs(row["cascade_s"]), speed, _secs(sr["s_per_eval"]),
+        cells = [row["name"], f"{lr['evals']} / {sr['evals']}", _secs(row["lowres_s"]), _secs(row["sr_s"]),
+                 _secs(row["post_s"]), _secs(row["cascade_s"]), speed, f"{_secs(sr['s_per_eval'])} ({sr['windows']})",
                  f"{_gib(lr)} / {_gib(sr)}", f"{lr['repeats']} / {sr['repeats']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -437,6 +470,37 @@ def _header(env: dict, batch: int, warmup: int) -> str:
 # CLI
 
 
+def standard_recipes() -> list[Recipe]:
+    """The research code's recipe, the paper presets', and the bench presets' sampler on the paper windows."""
+    paper_low, paper_sr = _configs("paper")
+    bench_low = load_config(CONFIGS / "lowres_bench.yaml", LowresConfig)
+    bench_sr = load_config(CONFIGS / "superres_bench.yaml", SRConfig)
+    bench = preset_recipe("bench sampler", bench_low, bench_sr)
+    return [RESEARCH, preset_recipe("paper presets", paper_low, paper_sr),
+            dataclasses.replace(bench, window=tuple(paper_sr.window.size or paper_sr.data.patch),
+                                overlap=paper_sr.window.overlap)]
+
+
+def _flops(specs: tuple[str, ...], json_out: str | None) -> None:
+    try:
+        extra = [parse_recipe(s) for s in specs]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--recipe") from None
+    low, sr = _configs("paper")
+    counter = CallCounter(low, sr)
+    rows = [subject_flops(r, counter, low.data.grid) for r in standard_recipes() + extra]
+    click.echo(f"Network FLOPs per subject on the paper grid {'×'.join(map(str, low.data.grid))} (networks of "
+               f"lowres_paper.yaml + superres_paper.yaml; one 56×56×96 call: low-res "
+               f"{counter.call('lowres', low.sample_shape) / 1e12:.2f} TFLOP, SR "
+               f"{counter.call('superres', tuple(sr.data.patch)) / 1e12:.2f} TFLOP; FlopCounterMode, a multiply-add "
+               "counts 2)\n")
+    click.echo(flop_table(rows, rows[0]))
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump([{**{k: v for k, v in r.items() if k != "recipe"}, "recipe": dataclasses.asdict(r["recipe"]),
+                        "ratio_to_research": rows[0]["total_flops"] / r["total_flops"]} for r in rows], fh, indent=1)
+
+
 def _worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
@@ -457,12 +521,23 @@ def _step_pairs(lows: tuple[int, ...], srs: tuple[int, ...]) -> list[tuple[int, 
     return list(dict.fromkeys(zip(lows, srs)))
 
 
-def _run_all(base: dict, pairs, batch: int, window_batch: int, train_batch: int | None,
+def _plan(pairs: list[tuple[int, int]], recipes: list[Recipe]) -> list[dict]:
+    """The cascades to time: step pairs with the presets' solvers and windows, or recipes."""
+    if recipes:
+        return [{"name": r.name, "lowres": {"steps": r.lowres_steps, "solver": r.lowres_solver},
+                 "sr": {"steps": r.sr_steps, "solver": r.sr_solver, "window": list(r.window), "overlap": r.overlap}}
+                for r in recipes]
+    return [{"name": f"{a}+{b}", "lowres": {"steps": a}, "sr": {"steps": b}} for a, b in pairs]
+
+
+def _run_all(base: dict, plan: list[dict], batch: int, window_batch: int, train_batch: int | None,
              repeats_for) -> list[dict]:
-    specs = [{**base, "kind": "lowres", "steps": n, "batch": batch, "repeats": repeats_for(n)}
-             for n in dict.fromkeys(p[0] for p in pairs)]
-    specs += [{**base, "kind": "sr", "steps": n, "window_batch": window_batch, "repeats": repeats_for(n)}
-              for n in dict.fromkeys(p[1] for p in pairs)]
+    cells = {}
+    for kind, extra in (("lowres", {"batch": batch}), ("sr", {"window_batch": window_batch})):
+        for item in plan:
+            cell = {**base, "kind": kind, **item[kind], **extra, "repeats": repeats_for(item[kind]["steps"])}
+            cells.setdefault(_cell_key(kind, cell), cell)
+    specs = list(cells.values())
     specs.append({**base, "kind": "post", "repeats": base["repeats"]})
     if train_batch:
         specs.append({**base, "kind": "train", "batch": train_batch, "repeats": base["repeats"]})
@@ -471,7 +546,7 @@ def _run_all(base: dict, pairs, batch: int, window_batch: int, train_batch: int 
         t0 = time.perf_counter()
         result = (_in_subprocess if spec["device"] == "cpu" else _in_process)(spec)
         status = result.get("error") or f"median {result['median_s']:.3f} s over {spec['repeats']}"
-        steps = f" {spec['steps']} steps" if "steps" in spec else ""
+        steps = f" {spec.get('solver') or ''} {spec['steps']} steps" if "steps" in spec else ""
         click.echo(f"  {spec['kind']}{steps}: {status} ({time.perf_counter() - t0:.0f} s wall)", err=True)
         results.append(result)
     return results
@@ -507,14 +582,31 @@ def _run_all(base: dict, pairs, batch: int, window_batch: int, train_batch: int 
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of weights and inputs.")
 @click.option("--json-out", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
               help="Also write every measurement (all iteration times) as JSON.")
+@click.option("--flops", is_flag=True, help="Only count the network FLOPs per subject of sampling recipes (paper "
+              "networks, meta tensors: seconds, nothing timed) and print their table; see --recipe.")
+@click.option("--recipe", "recipes", multiple=True, metavar="SPEC", help="A sampling recipe (repeatable): "
+              "'NAME: lowres=heun:32, sr=euler:10, window=56x56x96, overlap=0.25[, sigma_max=2]'; timed instead of "
+              "the step pairs, or with --flops counted beside the standard recipes.")
+@click.option("--compile", "compile_", is_flag=True, help="Time the networks under torch.compile (sampling and "
+              "training).")
 @click.option("--worker", hidden=True, metavar="SPEC", help="Internal: run one measurement, print it as JSON.")
 def main(size, device, steps_lowres, steps_sr, batch, window_batch, train_batch, skip_train, warmup, repeats,
-         long_repeats, long_steps, threads, allow_paper_cpu, seed, json_out, worker):
+         long_repeats, long_steps, threads, allow_paper_cpu, seed, json_out, flops, recipes, compile_, worker):
     """Time the full cascade per subject (low-res + SR + post) for several step counts, its peak memory, and
-    SR training images/s, with randomly initialised networks from the YAML presets."""
+    SR training images/s, with randomly initialised networks from the YAML presets; or (--flops) count the
+    network FLOPs per subject of sampling recipes."""
     if worker:
         _worker(worker)
         return
+    if flops:
+        _flops(recipes, json_out)
+        return
+    try:
+        timed_recipes = [parse_recipe(r) for r in recipes]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--recipe") from None
+    if timed_recipes and (steps_lowres or steps_sr):
+        raise click.UsageError("give --recipe or --steps-lowres/--steps-sr, not both")
     cuda_ok = torch.cuda.is_available()
     if device == "auto":
         device = "cuda" if cuda_ok else "cpu"
@@ -530,12 +622,14 @@ def main(size, device, steps_lowres, steps_sr, batch, window_batch, train_batch,
     torch.set_num_threads(threads)
     env = _environment(size, device, threads, window_batch)
     click.echo(_header(env, batch, warmup))
-    base = {"size": size, "device": device, "warmup": warmup, "repeats": repeats, "seed": seed, "threads": threads}
+    base = {"size": size, "device": device, "warmup": warmup, "repeats": repeats, "seed": seed, "threads": threads,
+            "compile": compile_}
     start = time.perf_counter()
-    results = _run_all(base, pairs, batch, window_batch, train_batch,
+    plan = _plan(pairs, timed_recipes)
+    results = _run_all(base, plan, batch, window_batch, train_batch,
                        lambda n: long_repeats if n >= long_steps else repeats)
-    rows = _pairs(results, pairs)
-    click.echo(_pair_table(rows, env["windows_per_eval"]))
+    rows = _rows(results, plan)
+    click.echo(_row_table(rows))
     train = next((r for r in results if r["kind"] == "train"), None)
     if train is not None:
         click.echo("")

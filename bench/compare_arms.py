@@ -21,9 +21,10 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from libs.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from libs.config import load_config  # noqa: E402
+from libs.generate import read_stage_file, resolve_checkpoint, stage_source  # noqa: E402
 from libs.lowres import LowresConfig  # noqa: E402
+from libs.samplers import network_calls  # noqa: E402
 from libs.superres import SRConfig  # noqa: E402
 from libs.windows import window_grid  # noqa: E402
 
@@ -46,21 +47,19 @@ def read_rows(fidelity_csv: Path) -> dict:
     return out
 
 
-def evaluations(solver: str, steps: int) -> int:
-    """Network calls of one sampling run: Heun 2N − 1, Euler N."""
-    return 2 * steps - 1 if solver == "heun" else steps
 
 
 def arm_cost(runs: Path) -> dict:
     """Objective, sampler and network evaluations per subject of the two trained stages in ``runs``."""
     out = {}
     for stage, cls in (("lowres", LowresConfig), ("superres", SRConfig)):
-        path = latest_checkpoint(runs / stage) if (runs / stage).is_dir() else None
-        if path is None:
-            raise click.ClickException(f"{runs / stage}: no checkpoint (pass the arm's runs folder)")
-        ckpt = load_checkpoint(path)
+        try:
+            path = resolve_checkpoint(stage_source(runs, stage))
+        except FileNotFoundError as exc:
+            raise click.ClickException(f"{exc} (pass the arm's runs folder or exported weights)") from None
+        ckpt = read_stage_file(path, stage)
         cfg = load_config(ckpt["config"], cls, origin=str(path))
-        calls = evaluations(cfg.sample.solver, cfg.sample.steps)
+        calls = network_calls(cfg.sample.solver, cfg.sample.steps)
         windows = 1
         if stage == "superres":
             grid = ckpt["normalization"]["grid"]
@@ -122,7 +121,8 @@ def markdown(edm: dict, flow: dict, cost: dict, names: tuple[str, str]) -> str:
 @click.command(context_settings={"show_default": True})
 @click.argument("edm_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("flow_dir", type=click.Path(file_okay=False, exists=True))
-@click.option("--edm-runs", type=click.Path(file_okay=False), help="The EDM arm's trained stages [EDM_DIR/runs].")
+@click.option("--edm-runs", type=click.Path(file_okay=False),
+              help="The EDM arm's trained stages (run folders or exported weights) [EDM_DIR/runs].")
 @click.option("--flow-runs", type=click.Path(file_okay=False), help="The flow arm's trained stages [FLOW_DIR/runs].")
 @click.option("--out", default="bench_out/arms.md", type=click.Path(dir_okay=False))
 def main(edm_dir, flow_dir, edm_runs, flow_runs, out):

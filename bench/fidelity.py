@@ -50,8 +50,10 @@ from libs.config import load_config, to_dict  # noqa: E402
 from libs.evaluation.measures import region_mask  # noqa: E402
 from libs.evaluation.report import run_comparison  # noqa: E402
 from libs.evaluation.tables import read_csv  # noqa: E402
+from libs.generate import stage_source  # noqa: E402
 from libs.lowres import LowresConfig, train_lowres  # noqa: E402
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort  # noqa: E402
+from libs.samplers import network_calls  # noqa: E402
 from libs.superres import SRConfig, train_superres  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +100,35 @@ def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Pa
         if steps:
             cfg["loop"]["steps"] = steps
     return load_config(low, LowresConfig, origin=str(lowres_yaml)), load_config(sr, SRConfig, origin=str(superres_yaml))
+
+
+def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None):
+    """The two stages' recorded sampler settings, with ``SOLVER:N`` overrides (churn 0 for the deterministic
+    multistep solver)."""
+    import dataclasses
+
+    from libs.cascade import load_sr_model
+    from libs.generate import load_lowres_model
+    cpu = torch.device("cpu")
+    out = []
+    recorded = (load_lowres_model(lowres, cpu, ema=False).config.sample,
+                load_sr_model(superres, cpu, ema=False).config.sample)
+    for sample, spec, name in zip(recorded, (lowres_spec, sr_spec), ("--sampler-lowres", "--sampler-sr")):
+        if spec:
+            solver, _, steps = spec.partition(":")
+            try:
+                sample = dataclasses.replace(sample, solver=solver, steps=int(steps),
+                                             churn=0.0 if solver == "dpmpp_2m" else sample.churn)
+            except ValueError as exc:
+                raise click.BadParameter(f"{spec!r}: {exc}", param_hint=name) from None
+        out.append(sample)
+    return tuple(out)
+
+
+def describe_samplers(s_lr, s_sr) -> str:
+    calls = network_calls(s_lr.solver, s_lr.steps) + network_calls(s_sr.solver, s_sr.steps)
+    return (f"low-res {s_lr.solver} {s_lr.steps} steps (churn {s_lr.churn:g}), SR {s_sr.solver} {s_sr.steps} steps "
+            f"(churn {s_sr.churn:g}) from σ {s_sr.sigma_max_ratio:g}·σ_data; {calls} network calls per subject")
 
 
 def comparison_cells(path: Path, region: str = "body") -> dict:
@@ -171,6 +202,8 @@ def organ_rows(comparison_csv: Path, names: dict) -> list[dict]:
     rows = []
     for organ in ORGANS:
         rows += summary_rows(comparison_cells(comparison_csv, organ), names, ORGAN_MEASURES, organ)
+    if all(not math.isfinite(r.get("generated_mean", math.nan)) for r in rows):
+        return []                 # a CT + PET model: the comparison lists the organs with no generated value
     return rows
 
 
@@ -262,7 +295,8 @@ def markdown(rows, slopes, checks, info: dict, organs: list[str] | None = None) 
            f"Training cohort {info['n_train']} phantoms; held-out reference {info['n_test']} phantoms; "
            f"generated = the cascade on the held-out demographics; noise floor = phantoms of the same "
            f"demographics, another seed. {info['spacing_mm']:g} mm grid. Presets {info['presets']}, "
-           f"{info['steps']} training steps; seeds: {info['seeds']}; device {info['device']}; "
+           f"{info['steps']} training steps; samplers: {info.get('samplers', 'the presets’')}; seeds: "
+           f"{info['seeds']}; device {info['device']}; "
            f"times {info['times']}.", "",
            "Δ % = 100·(cohort − reference)/reference; p = Welch; Δ/SE = difference in standard errors.", "",
            "| measure | subgroup | reference (n) | generated | Δ % | p | Δ/SE | noise floor | Δ % | p | Δ/SE |",
@@ -364,13 +398,17 @@ def _timed(times: dict, name: str, fn):
 @click.option("--heldout-seed", default=None, type=click.IntRange(0), metavar="H",
               help="Seed of the held-out cohort (floor: H+1) and of generation  [S+1; generation S].")
 @click.option("--runs-from", default=None, type=click.Path(file_okay=False, exists=True), metavar="DIR",
-              help="Evaluate the trained stages in DIR/{lowres,superres} (an earlier benchmark's runs/) "
-                   "instead of training: the same models on another held-out cohort.")
+              help="Evaluate the trained stages in DIR/{lowres,superres} (an earlier benchmark's runs/) or "
+                   "DIR/{lowres,superres}.safetensors (exported weights, e.g. Resource/demo_weights) instead of "
+                   "training: the same models on another held-out cohort.")
+@click.option("--sampler-lowres", default=None, metavar="SOLVER:N",
+              help="Generate with this low-res solver and step count (heun, euler, dpmpp_2m) [the trained stage's].")
+@click.option("--sampler-sr", default=None, metavar="SOLVER:N", help="The same for the super-resolution stage.")
 @click.option("--device", default="auto", metavar="DEV")
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
 def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, seed, heldout_seed,
-         runs_from, device, batch, quiet):
+         runs_from, sampler_lowres, sampler_sr, device, batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suffix = "_flow" if objective == "flow" else ""
@@ -387,9 +425,12 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
     if not runs_from:
         _timed(times, "train lowres", lambda: train_lowres(low_cfg, device=device, progress=not quiet))
         _timed(times, "train superres", lambda: train_superres(sr_cfg, device=device, progress=not quiet))
+    stages = ((stage_source(runs, "lowres"), stage_source(runs, "superres")) if runs_from else
+              (low_cfg.run_dir, sr_cfg.run_dir))
+    s_lr, s_sr = samplers(*stages, sampler_lowres, sampler_sr)
     report = _timed(times, "generate", lambda: generate_cascade_cohort(
-        low_cfg.run_dir, sr_cfg.run_dir, paths["heldout"] / "demographics.csv", out / "generated", seed=gen_seed,
-        batch=batch, device=device, previews=False, progress=not quiet))
+        *stages, paths["heldout"] / "demographics.csv", out / "generated", seed=gen_seed, sample_lowres_cfg=s_lr,
+        sample_sr_cfg=s_sr, batch=batch, device=device, previews=False, progress=not quiet))
     if report.failed:
         raise SystemExit(f"generation failed for {len(report.failed)} subjects: {next(iter(report.failed.values()))}")
     comp = out / "comparison"
@@ -401,7 +442,7 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
                      + (f"; trained stages from {runs}" if runs_from else ""),
             "presets": f"{Path(lowres_config).name} + {Path(superres_config).name} (objectives "
                        f"{low_cfg.diffusion.objective} + {sr_cfg.diffusion.objective})",
-            "steps": f"{low_cfg.loop.steps} + {sr_cfg.loop.steps}",
+            "steps": f"{low_cfg.loop.steps} + {sr_cfg.loop.steps}", "samplers": describe_samplers(s_lr, s_sr),
             "times": ", ".join(f"{k} {v}" for k, v in times.items())}
     checks, _ = write_outputs(out, comp, info, paths | {"generated": out / "generated"})
     g, f = checks["generated"], checks["floor"]

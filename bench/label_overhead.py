@@ -19,9 +19,11 @@ from pathlib import Path
 import click
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from recipe_flops import CallCounter  # noqa: E402
 
 from libs.channels import DEFAULT_LABEL_GROUPS, ChannelSet  # noqa: E402
 from libs.config import load_config  # noqa: E402
@@ -38,10 +40,7 @@ def call_cost(cfg, channels: ChannelSet, stage: str, shape) -> tuple[float, int]
     cond = sr_cond_channels(channels) if stage == "superres" else 4
     with torch.device("meta"):
         net = cfg.model.build(in_channels=channels.count, cond_channels=cond)
-        x, c = torch.zeros(1, channels.count, *shape), torch.zeros(1, cond, *shape)
-        with FlopCounterMode(display=False) as counter:
-            net(x, torch.zeros(1), c)
-    return float(counter.get_total_flops()), count_parameters(net)
+    return CallCounter(cfg, cfg, channels).call(stage, shape), count_parameters(net)
 
 
 def rows_for(size: str, labelled: ChannelSet) -> list[dict]:

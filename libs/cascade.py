@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .channels import ChannelSet
-from .checkpoint import load_checkpoint, sha256_file
+from .checkpoint import sha256_file
 from .demographics import Demographics
 from .diffusion import make_denoiser
 from .generate import (
@@ -41,8 +41,9 @@ from .superres import (
     check_pairing,
     residual_scaling,
 )
+from .training import memory_format
 from .volumes import centered_affine
-from .windows import position_channels, upsample, windowed_denoise
+from .windows import WindowPlan, position_channels, upsample
 
 
 @dataclass
@@ -78,9 +79,10 @@ class SRModel:
         return residual_scaling(self.normalization)
 
 
-def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> SRModel:
-    """Load a super-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint)."""
-    path, ckpt, cfg, net = load_stage(path, SRConfig, "superres", device, ema)
+def load_sr_model(path: str | os.PathLike, device: torch.device, ema: bool = True, compile: bool = False) -> SRModel:
+    """Load a super-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint;
+    ``compile``: the network under ``torch.compile``)."""
+    path, ckpt, cfg, net = load_stage(path, SRConfig, "superres", device, ema, compile)
     norm = ckpt["normalization"]
     residual_scaling(norm)                           # refuse checkpoints without per-channel residual scales
     sigma = float(norm["sigma_data"])
@@ -96,10 +98,18 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
     """One subject: LR sample (C, x, y, z) in [0, 1] → full-grid volume (C, X, Y, Z) in [0, 1] (C: the channel
     set the two stages share: CT, PET and any one-hot label channels).
 
-    Every denoiser evaluation covers the whole grid with overlapping windows, ``window.batch`` at a time.
+    Every denoiser evaluation covers the whole grid with overlapping windows, ``window.batch`` at a time; the
+    windows' blend weights and conditioning are computed once for the subject (:class:`WindowPlan`; at the paper
+    size that holds ~1.6 GB on the device).
     """
     grid, f = model.grid, model.factor
-    lr_net = model.standardize.to_net(lr_u[None].float().to(device))
+    lr_u = lr_u.float()
+    if model.channels.has_labels and sample.lr_labels == "onehot":
+        # the SR stage was trained on exact one-hot LR labels: give it the generated LR's decoded labels in that
+        # form, not the LR sampler's soft channel values
+        lr_u = torch.cat([lr_u[model.channels.image], model.channels.one_hot(model.channels.decode(
+            lr_u[model.channels.labels]))])
+    lr_net = model.standardize.to_net(lr_u[None].to(device))
     up_clean = upsample(lr_net, f)                                                       # (1, C, X, Y, Z)
     up = up_clean
     if sample.cond_noise > 0:                  # conditioning augmentation at a fixed level (its own stream)
@@ -115,8 +125,11 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
         return torch.cat([up[0][(slice(None), *sl)], const, position_channels(start, win, grid, device),
                           torch.full((1, *win), level, device=device)])
 
+    # windows, blend weights and every window's conditioning: once per subject, not once per denoiser call
+    plan = WindowPlan(grid, size, window.overlap, window.batch, cond_fn, device, memory_format(device))
+
     def full_denoiser(x, sigma, _cond):
-        return windowed_denoise(model.denoiser, x, sigma, cond_fn, size, window.overlap, window.batch)
+        return plan.denoise(model.denoiser, x, sigma)
 
     sigma_max = sample.sigma_max_ratio * model.sigma_data
     sigmas = sample.sigmas(sigma_max, device=device)
@@ -166,12 +179,13 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
                             sample_lowres_cfg: SampleConfig | None = None, sample_sr_cfg: SRSampleConfig | None = None,
                             window: WindowConfig | None = None, batch: int = 4, device: str = "auto",
                             ema: bool = True, previews: bool = True, overwrite: bool = False,
-                            progress: bool = True):
-    """The whole cascade for every row of ``demographics_csv`` into the cohort directory ``out``."""
+                            progress: bool = True, compile: bool = False):
+    """The whole cascade for every row of ``demographics_csv`` into the cohort directory ``out`` (``compile``:
+    both networks under ``torch.compile``)."""
     dev = pick_device(device)
-    lr_model = load_lowres_model(lowres, dev, ema=ema)
-    sr_model = load_sr_model(superres, dev, ema=ema)
-    check_pairing(load_checkpoint(lr_model.path)["normalization"], sr_model.normalization)
+    lr_model = load_lowres_model(lowres, dev, ema=ema, compile=compile)
+    sr_model = load_sr_model(superres, dev, ema=ema, compile=compile)
+    check_pairing(lr_model.normalization, sr_model.normalization)
     s_lr = sample_lowres_cfg or lr_model.config.sample
     s_sr = sample_sr_cfg or sr_model.config.sample
     win = window or sr_model.config.window
@@ -192,17 +206,25 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
     def provenance(d: Demographics) -> dict:
         return {"stage": "cascade", "demographics": asdict(d), "seed": subject_seed(seed, d.subject_id),
                 "seed_superres": subject_seed(seed, d.subject_id, stage=1), "sampler": asdict(s_lr),
-                "sampler_superres": asdict(s_sr), "window": asdict(win), "lowres": lr_model.sha256,
+                "sampler_superres": sr_settings(s_sr, sr_model), "window": asdict(win), "lowres": lr_model.sha256,
                 "superres": sr_model.sha256, "ema": ema}
 
     return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance,
                    labels=sr_model.channels.has_labels)
 
 
+def sr_settings(s_sr: SRSampleConfig, model: SRModel) -> dict:
+    """The SR sampler settings a subject depends on (``lr_labels`` only for a model with label channels)."""
+    out = asdict(s_sr)
+    if not model.channels.has_labels:
+        out.pop("lr_labels")
+    return out
+
+
 def _cascade_meta(d, seed_lr, seed_sr, s_lr, s_sr, win, lr_model: Model, sr_model: SRModel) -> dict:
     meta = _meta(d, seed_lr, s_lr, lr_model, {"stage": "cascade", **labels_meta(sr_model.channels)})
     meta["seed_superres"] = seed_sr
-    meta["sampler_superres"] = {**asdict(s_sr), "sigma_max": s_sr.sigma_max_ratio * sr_model.sigma_data,
+    meta["sampler_superres"] = {**sr_settings(s_sr, sr_model), "sigma_max": s_sr.sigma_max_ratio * sr_model.sigma_data,
                                 "ode_space": s_sr.space(sr_model.objective)}
     meta["window"] = asdict(win)
     meta["checkpoints"]["superres"] = {"path": str(sr_model.path), "sha256": sr_model.sha256, "step": sr_model.step,

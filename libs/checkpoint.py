@@ -213,6 +213,16 @@ def load_safetensors_weights(path: str | os.PathLike) -> tuple[dict[str, torch.T
     return tensors, {key: _json_or_str(value) for key, value in raw.items()}
 
 
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a safetensors file (JSON values decoded) without reading its tensors; {} when unreadable."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            raw = handle.metadata() or {}
+    except Exception:  # SafetensorError and OSError for damaged files
+        return {}
+    return {key: _json_or_str(value) for key, value in raw.items()}
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks (for provenance sidecars)."""
     digest = hashlib.sha256()

@@ -75,9 +75,9 @@ class PowerFunctionEMA:
         self.step += 1
         params = dict(model.named_parameters())
         betas = [power_function_beta(self.step, g) for g in self.gammas]
+        current = [params[name].detach().float() for name in self.shadows[0]]
         for shadow, beta in zip(self.shadows, betas, strict=True):
-            for name, value in shadow.items():
-                value.lerp_(params[name].detach().float(), 1 - beta)
+            torch._foreach_lerp_(list(shadow.values()), current, 1 - beta)      # one fused kernel per EMA on CUDA
         return betas
 
     def _index(self, sigma_rel: float | None) -> int:

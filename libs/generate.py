@@ -13,6 +13,7 @@ import json
 import os
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,15 @@ from tqdm import tqdm
 
 from . import training
 from .channels import ChannelError, ChannelSet
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sha256_file, versions
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_safetensors_weights,
+    safetensors_metadata,
+    sha256_file,
+    versions,
+)
 from .cohort import Cohort
 from .config import load_config
 from .demographics import Demographics, encode_many, read_demographics_rows
@@ -72,6 +81,31 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def read_stage_file(path: Path, stage: str) -> dict:
+    """A training checkpoint, or exported weights (``*.safetensors``, :func:`export_stage_safetensors`: EMA weights
+    already, so no separate EMA) of ``stage``, as a checkpoint-like dict (config, model, normalization, step)."""
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path, map_location="cpu")
+    tensors, meta = load_safetensors_weights(path)
+    if meta.get("format") != "totalgen-unet":
+        raise CheckpointError(f"{path}: not TotalGen exported weights (no 'format': 'totalgen-unet' in its metadata)")
+    if meta.get("stage") != stage:
+        raise CheckpointError(f"{path}: holds {meta.get('stage')!r} weights, this is the {stage} stage")
+    return {"config": meta.get("config"), "model": tensors, "normalization": meta.get("normalization"),
+            "step": meta.get("step"), "ema": None}
+
+
+def stage_source(runs: str | os.PathLike, stage: str) -> Path:
+    """Where a folder of trained stages keeps ``stage``: its run folder ``runs/<stage>`` (training checkpoints)
+    or its exported weights ``runs/<stage>.safetensors`` (e.g. ``Resource/demo_weights``)."""
+    runs = Path(runs)
+    if (runs / stage).is_dir() and latest_checkpoint(runs / stage) is not None:
+        return runs / stage
+    if (runs / f"{stage}.safetensors").is_file():
+        return runs / f"{stage}.safetensors"
+    raise FileNotFoundError(f"{runs}: neither a {stage}/ run folder with checkpoints nor {stage}.safetensors")
+
+
 def stage_channels(stage: str, norm: dict) -> tuple[int, int]:
     """(input channels, conditioning channels) of a stage's network, from its checkpoint's normalization record."""
     from .superres import sr_cond_channels
@@ -79,12 +113,14 @@ def stage_channels(stage: str, norm: dict) -> tuple[int, int]:
     return channels.count, (sr_cond_channels(channels) if stage == "superres" else 4)
 
 
-def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.device, ema: bool):
+def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.device, ema: bool,
+               compile: bool = False):
     """Checkpoint (``weights_only``; a run folder means its newest) of ``stage`` ('lowres' / 'superres') →
     (path, checkpoint, config, network in eval mode on ``device``, holding the first EMA's weights unless
-    ``ema`` is False).  The network's channels follow the channel set the checkpoint records."""
+    ``ema`` is False).  The network's channels follow the channel set the checkpoint records.  On CUDA the
+    network is in channels-last 3-D layout; ``compile`` wraps it in ``torch.compile``."""
     path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt = read_stage_file(path, stage)
     for key in ("config", "model", "normalization", "step"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: not a complete TotalGen checkpoint (no {key!r})")
@@ -103,7 +139,8 @@ def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.de
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
         raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({first})") from None
-    return path, ckpt, cfg, net.eval().to(device)
+    net = net.eval().to(device, memory_format=training.memory_format(device))
+    return path, ckpt, cfg, torch.compile(net) if compile else net
 
 
 def check_recorded_objective(path, norm: dict, objective: str) -> None:
@@ -114,10 +151,11 @@ def check_recorded_objective(path, norm: dict, objective: str) -> None:
                               f"the file is inconsistent")
 
 
-def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool = True) -> Model:
+def load_lowres_model(path: str | os.PathLike, device: torch.device, ema: bool = True,
+                      compile: bool = False) -> Model:
     """Load a low-resolution checkpoint (``weights_only``; a run folder means its newest checkpoint) and
-    build its network in eval mode."""
-    path, ckpt, cfg, net = load_stage(path, LowresConfig, "lowres", device, ema)
+    build its network in eval mode (``compile``: under ``torch.compile``)."""
+    path, ckpt, cfg, net = load_stage(path, LowresConfig, "lowres", device, ema, compile)
     std = Standardize.from_record(ckpt["normalization"], cfg.diffusion.sigma_data)
     check_recorded_objective(path, ckpt["normalization"], cfg.diffusion.objective)
     denoiser = make_denoiser(net, cfg.diffusion.objective, cfg.diffusion.sigma_data)
@@ -294,20 +332,30 @@ def run_job(demographics_csv: str | os.PathLike, out: str | os.PathLike, batch: 
     if main and records:
         cohort.write_demographics(records)
     bar = tqdm(total=len(todo), desc="generating", unit="subj", disable=not progress or not todo)
-    for i in range(0, len(todo), batch):
-        chunk, done = todo[i:i + batch], set()
-        try:
-            for demo, result in produce(chunk):
-                done.add(demo.subject_id)
-                if not isinstance(result, Exception):
-                    result = (*result[:3], {**result[3], "fingerprint": prints[demo.subject_id]}, *result[4:])
-                _record(report, cohort, demo, result, previews)
-                bar.update()
-        except Exception as exc:  # noqa: BLE001 - report the rest of the chunk, go on with the next one
-            for d in chunk:
-                if d.subject_id not in done:
-                    report.failed[d.subject_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+    # one writer thread: a subject's NIfTI compression and preview overlap the next subject's sampling (at most
+    # one subject waits to be written, so memory stays bounded)
+    writer, writing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="totalgen-writer"), None
+    try:
+        for i in range(0, len(todo), batch):
+            chunk, done = todo[i:i + batch], set()
+            try:
+                for demo, result in produce(chunk):
+                    done.add(demo.subject_id)
+                    if not isinstance(result, Exception):
+                        result = (*result[:3], {**result[3], "fingerprint": prints[demo.subject_id]}, *result[4:])
+                    if writing is not None:
+                        writing.result()
+                    writing = writer.submit(_record, report, cohort, demo, result, previews)
                     bar.update()
+            except Exception as exc:  # noqa: BLE001 - report the rest of the chunk, go on with the next one
+                for d in chunk:
+                    if d.subject_id not in done:
+                        report.failed[d.subject_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+                        bar.update()
+    finally:
+        if writing is not None:
+            writing.result()
+        writer.shutdown()
     bar.close()
     report.seconds = time.perf_counter() - start
     return report
@@ -340,10 +388,11 @@ def write_result(cohort: Cohort, demo: Demographics, ct: np.ndarray, suv: np.nda
 def generate_lowres_cohort(lowres: str | os.PathLike, demographics_csv: str | os.PathLike,
                            out: str | os.PathLike, seed: int = 0, sample: SampleConfig | None = None,
                            batch: int = 4, device: str = "auto", ema: bool = True, previews: bool = True,
-                           overwrite: bool = False, progress: bool = True) -> JobReport:
-    """Sample a low-resolution synthetic cohort (CT HU, SUV on the 8 mm grid) into ``out``."""
+                           overwrite: bool = False, progress: bool = True, compile: bool = False) -> JobReport:
+    """Sample a low-resolution synthetic cohort (CT HU, SUV on the 8 mm grid) into ``out`` (``compile``: the
+    network under ``torch.compile``)."""
     dev = pick_device(device)
-    model = load_lowres_model(lowres, dev, ema=ema)
+    model = load_lowres_model(lowres, dev, ema=ema, compile=compile)
     sample = sample or model.config.sample
 
     def produce(chunk):
@@ -408,9 +457,11 @@ def load_init_weights(path: str | os.PathLike, stage: str, net: torch.nn.Module)
 
 
 def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | None, list[str]]:
-    """The newest low-res and super-res checkpoints under ``model_dir`` (searched recursively).
+    """The newest low-res and super-res checkpoints under ``model_dir`` (searched recursively), or exported
+    weights (``*.safetensors`` of :func:`export_stage_safetensors`, e.g. ``Resource/demo_weights``).
 
-    A run folder is a super-resolution run when its config names a ``lowres_config``.  Returns
+    A run folder is a super-resolution run when its config names a ``lowres_config``; exported weights say
+    their stage in their metadata.  Training checkpoints are preferred over exported weights.  Returns
     (lowres, superres or None, messages saying what was taken); raises FileNotFoundError naming the folder
     when no low-resolution checkpoint is found."""
     import yaml
@@ -425,8 +476,14 @@ def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | N
         cfg_file = run / "config.yaml"
         cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else load_checkpoint(ckpt)["config"]
         found["superres" if "lowres_config" in (cfg or {}) else "lowres"].append(ckpt)
+    for weights in sorted(root.rglob("*.safetensors")):
+        meta = safetensors_metadata(weights)
+        stage = meta.get("stage") if meta.get("format") == "totalgen-unet" else None
+        if stage in found and not any(p.suffix == ".pt" for p in found[stage]):
+            found[stage].append(weights)
     if not found["lowres"]:
-        raise FileNotFoundError(f"{root}: no low-resolution checkpoint (ckpt-*.pt in a low-res run folder) found")
+        raise FileNotFoundError(f"{root}: no low-resolution checkpoint (ckpt-*.pt in a low-res run folder, or "
+                                f"exported lowres weights *.safetensors) found")
     pick = {k: max(v, key=lambda p: p.stat().st_mtime) if v else None for k, v in found.items()}
     msgs = [f"low-res checkpoint: {pick['lowres']}" + (f" (newest of {len(found['lowres'])} runs)"
                                                        if len(found["lowres"]) > 1 else "")]

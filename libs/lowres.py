@@ -19,7 +19,7 @@ from .data import CohortVolumes, PolyphaseSamples, batch_indices
 from .diffusion import OBJECTIVES, TIME_DISTRIBUTIONS, make_loss
 from .intensity import CT_MAX_HU, CT_MIN_HU, SUV_MAX
 from .nn import UNet, count_parameters
-from .samplers import SCHEDULES, SPACES, sample_euler, sample_heun, schedule_sigmas
+from .samplers import SCHEDULES, SOLVERS, SPACES, schedule_sigmas
 from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
 
 
@@ -103,7 +103,7 @@ class DiffusionConfig:
 class SamplerSettings:
     """EDM sampler settings shared by both stages (recorded with each generated subject)."""
 
-    solver: str = "heun"
+    solver: str = "heun"           # heun | euler | dpmpp_2m (libs.samplers.SOLVERS)
     steps: int = 32
     sigma_min: float = 0.002
     rho: float = 7.0
@@ -112,8 +112,10 @@ class SamplerSettings:
     ode_space: str = "auto"        # variables of the ODE steps: sigma (EDM) | flow (t) | auto: the objective's
 
     def __post_init__(self):
-        if self.solver not in ("heun", "euler"):
-            raise ValueError(f"solver must be 'heun' or 'euler', got {self.solver!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.solver == "dpmpp_2m" and self.churn > 0:
+            raise ValueError(f"solver dpmpp_2m is deterministic: set churn: 0 (got {self.churn})")
         check_range("steps", self.steps, low=1)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
@@ -130,8 +132,7 @@ class SamplerSettings:
     def solve(self, denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond, objective: str, generator=None,
               progress: bool = False) -> torch.Tensor:
         """Run this sampler (solver, churn, ODE variables) on a stage's denoiser."""
-        solver = sample_heun if self.solver == "heun" else sample_euler
-        return solver(denoiser, x, sigmas, cond, churn=self.churn, generator=generator, progress=progress,
+        return SOLVERS[self.solver](denoiser, x, sigmas, cond, churn=self.churn, generator=generator, progress=progress,
                       space=self.space(objective))
 
 

@@ -1,5 +1,8 @@
 """Preview figures: per-subject PET/CT sheets and cohort demographic distributions (PNG, matplotlib Agg).
 
+Figures are built with matplotlib's object API (no pyplot state), so generation may write previews from its
+writer thread.
+
 Coronal views are shown in radiological convention: the subject's right on the image's left,
 superior at the top, with the true aspect ratio of the voxel spacing.
 """
@@ -10,13 +13,11 @@ import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .demographics import Demographics  # noqa: E402
-from .files import atomic_path  # noqa: E402
+from .demographics import Demographics
+from .files import atomic_path
 
 
 def coronal(volume: np.ndarray) -> np.ndarray:
@@ -33,7 +34,7 @@ def draw_outlines(ax, labels_slice: np.ndarray, aspect: float) -> None:
     """Outline each label id of a coronal ``[x, z]`` label slice on ``ax`` (one colour per id)."""
     image = coronal(labels_slice)
     ids = [int(v) for v in np.unique(image) if v != 0]
-    cmap = plt.get_cmap("tab20")
+    cmap = matplotlib.colormaps["tab20"]
     for k, idx in enumerate(ids):
         ax.contour((image == idx).astype(np.float32), levels=[0.5], colors=[cmap(k % 20)], linewidths=0.6)
     ax.set_aspect(aspect)
@@ -48,7 +49,8 @@ def preview_sheet(path: str | os.PathLike, demo: Demographics, ct_hu: np.ndarray
     ys = np.nonzero(body.any(axis=(0, 2)))[0]
     y_mid = int((ys[0] + ys[-1]) // 2) if ys.size else ct_hu.shape[1] // 2
     aspect = spacing_mm[2] / spacing_mm[0]
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 5.2), dpi=110)
+    fig = Figure(figsize=(6.4, 5.2), dpi=110)
+    axes = fig.subplots(1, 2)
     axes[0].imshow(coronal(ct_hu[:, y_mid, :]), cmap="gray", vmin=-500, vmax=500, aspect=aspect,
                    interpolation="nearest")
     axes[0].set_title("CT coronal (HU −500…500)" + (", organ outlines" if labels is not None else ""), fontsize=8)
@@ -69,7 +71,8 @@ def preview_sheet(path: str | os.PathLike, demo: Demographics, ct_hu: np.ndarray
 def distribution_figure(path: str | os.PathLike, cohorts: dict[str, list[Demographics]]) -> Path:
     """Histograms of height, weight and BMI by sex for one or more cohorts (one row per cohort)."""
     names = list(cohorts)
-    fig, axes = plt.subplots(len(names), 3, figsize=(9, 2.6 * len(names)), dpi=110, squeeze=False)
+    fig = Figure(figsize=(9, 2.6 * len(names)), dpi=110)
+    axes = fig.subplots(len(names), 3, squeeze=False)
     measures = (("height (cm)", lambda d: 100 * d.height_m, np.arange(145, 206, 5)),
                 ("weight (kg)", lambda d: d.weight_kg, np.arange(45, 106, 5)),
                 ("BMI (kg/m²)", lambda d: d.bmi, np.arange(12, 46, 2)))
@@ -93,5 +96,4 @@ def _save(fig, path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path

@@ -1,7 +1,8 @@
 """Samplers for the EDM probability-flow ODE / SDE (Karras et al. 2022), k-diffusion style; flow-matching
 models are sampled by the same functions through :class:`libs.diffusion.VelocityDenoiser`.
 
-Every sampler is a pure function with one signature::
+Every sampler (:data:`SOLVERS`: EDM's Heun, Euler, and the multistep DPM-Solver++(2M)) is a pure function with
+one signature::
 
     sample_x(denoiser, x, sigmas, cond=None, churn=0.0, s_tmin=0.0, s_tmax=inf, s_noise=1.0,
              generator=None, progress=False, space="sigma") -> x0
@@ -160,3 +161,51 @@ def sample_euler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: torch.Te
     """First-order Euler version of :func:`sample_heun` (same churn); N denoiser calls for N steps.  Its steps
     are the same in both spaces (DDIM)."""
     return _sample(denoiser, x, sigmas, cond, churn, s_tmin, s_tmax, s_noise, generator, progress, False, space)
+
+
+def sample_dpmpp_2m(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: torch.Tensor | None = None,
+                    churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                    generator: Generators = None, progress: bool = False, space: str = "sigma") -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): a second-order multistep solver with one denoiser call per
+    step (N calls for N steps, like Euler, against Heun's 2N − 1).
+
+    In log-SNR time λ = −ln σ the ODE for x_σ is solved exactly for a constant denoiser,
+    x_next = (σ_next / σ) x + (1 − σ_next / σ) D — Euler's (DDIM) step; this solver replaces D by the
+    extrapolation D̃ = (1 + 1 / 2r) D_i − (1 / 2r) D_{i−1} through the previous step's denoised value, r the ratio
+    of the previous step's λ-length to this one's.  The first step and the final step to σ = 0 use D itself.
+    With the OT path x_t = x_σ / (1 + σ) the data-prediction steps are identical in both variable sets (same λ),
+    so ``space`` only names the caller's choice.  Deterministic: the extrapolation through the previous step's
+    denoised value is wrong after fresh noise is added, so churn is refused (measured on the exact Gaussian
+    denoiser: with churn 20 over 48 steps the samples' SD came out 0.69 instead of 0.5)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if churn > 0:
+        raise ValueError(f"dpmpp_2m is a deterministic multistep solver: churn must be 0, got {churn}")
+    ts = [float(s) for s in sigmas]
+    steps = len(ts) - 1
+    y, previous = x.float(), None                          # previous: (D, λ) of the last step
+    for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
+        s_cur, s_next = ts[i], ts[i + 1]
+        d = denoiser(y, y.new_full((y.shape[0],), s_cur), cond).float()
+        if s_next == 0:
+            y = d
+            break
+        lam, lam_next = -math.log(s_cur), -math.log(s_next)
+        d_used = d
+        if previous is not None:
+            r = (lam - previous[1]) / (lam_next - lam)
+            d_used = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * previous[0]
+        y = (s_next / s_cur) * y + (1 - s_next / s_cur) * d_used
+        previous = (d, lam)
+    return y
+
+
+SOLVERS = {"heun": sample_heun, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def network_calls(solver: str, steps: int) -> int:
+    """Denoiser calls of one sampling run of ``steps`` steps: Heun 2N − 1 (the step to σ = 0 is an Euler step),
+    Euler and DPM-Solver++(2M) N."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    return 2 * steps - 1 if solver == "heun" else steps

@@ -114,10 +114,13 @@ class SRSampleConfig(SamplerSettings):
 
     sigma_max_ratio: float = 160.0         # σ_max = ratio · σ_data (EDM: 80 / 0.5)
     cond_noise: float = 0.0                # augmentation level added to the generated LR (network units)
+    lr_labels: str = "onehot"              # generated LR label channels as given to SR: onehot (argmax) | soft
 
     def __post_init__(self):
         super().__post_init__()
         check_range("cond_noise", self.cond_noise, low=0.0)
+        if self.lr_labels not in ("onehot", "soft"):
+            raise ValueError(f"lr_labels must be 'onehot' or 'soft', got {self.lr_labels!r}")
 
 
 @dataclass

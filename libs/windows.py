@@ -96,27 +96,66 @@ def window_weight(start, win, full, overlap_vox, device=None) -> torch.Tensor:
     return prof[0][:, None, None] * prof[1][None, :, None] * prof[2][None, None, :]
 
 
+class WindowPlan:
+    """The overlapping windows of one volume with everything that does not change between denoiser calls
+    computed once: window starts, each window's blend weight, the reciprocal of the summed weights, and
+    (given ``cond_fn``) each window's conditioning, stacked in batches of ``batch`` windows.
+
+    ``cond_fn(start, window)`` gives the (Cc, *window) conditioning of the window at ``start``; it is called
+    once per window here, not once per window and denoiser call.  ``memory_format`` (e.g.
+    ``torch.channels_last_3d`` on CUDA) is applied to the batched network inputs.
+    """
+
+    def __init__(self, full: Sequence[int], window: Sequence[int], overlap: float = 0.25, batch: int = 8,
+                 cond_fn: Callable[[Sequence[int], Sequence[int]], torch.Tensor] | None = None, device=None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.full = tuple(int(f) for f in full)
+        self.win, self.starts, overlap_vox = window_grid(self.full, window, overlap)
+        self.batch, self.memory_format = max(1, int(batch)), memory_format
+        self.chunks = [self.starts[i:i + self.batch] for i in range(0, len(self.starts), self.batch)]
+        self.weights = [torch.stack([window_weight(s, self.win, self.full, overlap_vox, device) for s in chunk])
+                        for chunk in self.chunks]
+        norm = torch.zeros(self.full, device=device, dtype=torch.float32)
+        for chunk, weights in zip(self.chunks, self.weights):
+            for (a, b, c), w in zip(chunk, weights):
+                norm[a:a + self.win[0], b:b + self.win[1], c:c + self.win[2]] += w
+        self.inv_norm = norm.reciprocal()
+        self.conds = None if cond_fn is None else [
+            torch.stack([cond_fn(s, self.win) for s in chunk]).contiguous(memory_format=memory_format)
+            for chunk in self.chunks]
+
+    @property
+    def redundancy(self) -> float:
+        """Window voxels evaluated per volume voxel."""
+        return len(self.starts) * math.prod(self.win) / math.prod(self.full)
+
+    def denoise(self, denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                x: torch.Tensor, sigma: torch.Tensor, conds: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Blend ``denoise(x_windows (N, C, *window), sigma (N,), cond (N, Cc, *window))`` over the windows of
+        ``x`` (1, C, *full) → (1, C, *full) float32; ``conds`` overrides the precomputed conditioning."""
+        conds = conds if conds is not None else self.conds
+        if conds is None:
+            raise ValueError("WindowPlan.denoise: no conditioning (build the plan with cond_fn, or pass conds)")
+        win = self.win
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for chunk, weights, cs in zip(self.chunks, self.weights, conds):
+            xs = torch.cat([x[:, :, a:a + win[0], b:b + win[1], c:c + win[2]] for a, b, c in chunk])
+            ys = denoise(xs.contiguous(memory_format=self.memory_format),
+                         sigma.reshape(-1)[:1].expand(len(chunk)), cs).float()
+            for (a, b, c), y, w in zip(chunk, ys, weights):
+                out[0, :, a:a + win[0], b:b + win[1], c:c + win[2]] += y * w
+        return out * self.inv_norm
+
+
 def windowed_denoise(denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                      x: torch.Tensor, sigma: torch.Tensor,
                      cond_fn: Callable[[Sequence[int], Sequence[int]], torch.Tensor],
                      window: Sequence[int], overlap: float = 0.25, batch: int = 8) -> torch.Tensor:
-    """Apply a patch denoiser to the whole volume ``x`` (1, C, X, Y, Z) with overlapping, blended windows.
+    """Apply a patch denoiser to the whole volume ``x`` (1, C, X, Y, Z) with overlapping, blended windows
+    (one call; a sampler calling the denoiser many times on one volume builds a :class:`WindowPlan` once).
 
     ``denoise(x_patches (N, C, *window), sigma (N,), cond (N, Cc, *window))`` → (N, C, *window);
     ``cond_fn(start, window)`` gives the (Cc, *window) conditioning of the window at ``start``.  Windows
-    are evaluated ``batch`` at a time, so memory is bounded by the batch.
+    are evaluated ``batch`` at a time.
     """
-    full = tuple(x.shape[2:])
-    win, starts, overlap_vox = window_grid(full, window, overlap)
-    out = torch.zeros_like(x, dtype=torch.float32)
-    norm = torch.zeros(full, device=x.device, dtype=torch.float32)
-    for i in range(0, len(starts), batch):
-        chunk = starts[i:i + batch]
-        xs = torch.cat([x[:, :, a:a + win[0], b:b + win[1], c:c + win[2]] for a, b, c in chunk])
-        cs = torch.stack([cond_fn(s, win) for s in chunk])
-        ys = denoise(xs, sigma.reshape(-1)[:1].expand(len(chunk)), cs).float()
-        for (a, b, c), y in zip(chunk, ys):
-            w = window_weight((a, b, c), win, full, overlap_vox, x.device)
-            out[0, :, a:a + win[0], b:b + win[1], c:c + win[2]] += y * w
-            norm[a:a + win[0], b:b + win[1], c:c + win[2]] += w
-    return out / norm
+    return WindowPlan(x.shape[2:], window, overlap, batch, cond_fn, x.device).denoise(denoise, x, sigma)

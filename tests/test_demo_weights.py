@@ -15,7 +15,7 @@ from libs.config import load_config, to_dict
 from libs.generate import export_stage_safetensors, load_init_weights, stage_channels
 from libs.lowres import LowresConfig, train_lowres
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
-from libs.superres import COND_CHANNELS, SRConfig, load_pairing
+from libs.superres import COND_CHANNELS, SRConfig, load_pairing, train_superres
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "1_Trainings" / "configs"
@@ -102,3 +102,46 @@ def test_fine_tune_starts_from_exported_weights_and_refuses_the_other_stage(tmp_
                         LowresConfig)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_init_weights(exported, "lowres", other.model.build(in_channels=2, cond_channels=4))
+
+
+def test_generation_from_exported_weights_equals_the_training_runs(tmp_path):
+    """infer.py / the cascade take exported weights (``*.safetensors``, as committed in Resource/demo_weights) in
+    place of run folders: same EMA network, same subjects bit for bit; a folder of them is found by --model_dir."""
+    import numpy as np
+
+    from libs.cascade import generate_cascade_cohort
+    from libs.cohort import Cohort
+    from libs.generate import find_stage_checkpoints, read_stage_file, stage_source
+    from libs.volumes import read_volume
+    from tests.test_superres import write_pair
+
+    write_phantom_cohort(tmp_path / "cohort", sampled_demographics(3, seed=6), seed=6, spacing_mm=14.0,
+                         progress=False)
+    write_pair(tmp_path, tmp_path / "cohort")
+    train_lowres(load_config(tmp_path / "low.yaml", LowresConfig), device="cpu", progress=False)
+    train_superres(load_config(tmp_path / "sr.yaml", SRConfig), device="cpu", progress=False)
+    weights = tmp_path / "weights"
+    for stage, run in (("lowres", "low"), ("superres", "sr")):
+        export_stage_safetensors(tmp_path / "runs" / run, weights / f"{stage}.safetensors")
+    csv_path = tmp_path / "demo.csv"
+    csv_path.write_text("subject_id,height_m,weight_kg,sex,age_years\na,1.60,55,F,30\nc,1.90,98,M,70\n")
+    outs = {}
+    for name, (low, sr) in {"runs": (tmp_path / "runs" / "low", tmp_path / "runs" / "sr"),
+                            "exported": (stage_source(weights, "lowres"), stage_source(weights, "superres"))}.items():
+        outs[name] = tmp_path / f"gen_{name}"
+        report = generate_cascade_cohort(low, sr, csv_path, outs[name], batch=2, device="cpu", previews=False,
+                                         progress=False)
+        assert not report.failed, report.failed
+    for sid in ("a", "c"):
+        for kind in ("ct", "suv"):
+            a = read_volume(Cohort(outs["runs"]).path(kind, sid), kind)
+            b = read_volume(Cohort(outs["exported"]).path(kind, sid), kind)
+            assert np.array_equal(a.array, b.array), f"{sid} {kind}"
+    meta = json.loads(Cohort(outs["exported"]).path("meta", "a").read_text())
+    assert "lowres.safetensors" in json.dumps(meta["checkpoints"]), meta["checkpoints"]
+    low, sr, _ = find_stage_checkpoints(weights)
+    assert (low.name, sr.name) == ("lowres.safetensors", "superres.safetensors")
+    with pytest.raises(CheckpointError, match="'lowres' weights, this is the superres stage"):
+        read_stage_file(weights / "lowres.safetensors", "superres")
+    with pytest.raises(FileNotFoundError, match="neither a superres/ run folder"):
+        stage_source(tmp_path / "runs", "superres")

@@ -54,16 +54,32 @@ def test_fidelity_bench_trains_compares_and_reevaluates_trained_stages(tmp_path)
     md = (out / "fidelity.md").read_text()
     assert "seeds: training 0, held-out 1, floor 2, generation 0" in md, md[:600]
 
+    assert "samplers: low-res heun 3 steps" in md, md[:800]
+    assert "## Organs" not in md and "organs within target" not in last, "a CT + PET model has no organ table"
+
     ckpts = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ckpt-*.pt")}
     again = tmp_path / "again"
     res = _bench("--out", str(again), "--subjects", "12", "--lowres-config", str(low), "--superres-config", str(sr),
-                 "--runs-from", str(out / "runs"), "--heldout-seed", "7")
+                 "--runs-from", str(out / "runs"), "--heldout-seed", "7", "--sampler-sr", "dpmpp_2m:2")
     assert res.returncode == 0, res.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ckpt-*.pt")} == ckpts, "no training"
     assert not (again / "train").exists() and not (again / "runs").exists()
     assert _ids_and_heights(again / "heldout") != _ids_and_heights(out / "heldout")
     text = (again / "fidelity.md").read_text()
     assert "held-out 7, floor 8, generation 7; trained stages from" in text, text[:600]
+    assert "SR dpmpp_2m 2 steps (churn 0)" in text, text[:800]
+
+    # exported weights (as committed in Resource/demo_weights) evaluate like the run folders they came from
+    from libs.generate import export_stage_safetensors
+    weights = tmp_path / "weights"
+    for stage in ("lowres", "superres"):
+        export_stage_safetensors(out / "runs" / stage, weights / f"{stage}.safetensors")
+    exported = tmp_path / "exported"
+    res = _bench("--out", str(exported), "--subjects", "12", "--lowres-config", str(low), "--superres-config",
+                 str(sr), "--runs-from", str(weights))
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(exported / "fidelity.csv", newline="") as fh:
+        assert list(csv.DictReader(fh)) == rows, "the same models on the same cohorts: the same table"
 
 
 def test_fidelity_bench_with_label_channels_reports_the_organ_table(tmp_path):

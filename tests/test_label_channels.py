@@ -126,6 +126,34 @@ def test_both_stages_train_and_the_cascade_writes_contract_labels(setup, tmp_pat
     Cohort(tmp_path / "gen").path("labels", "a").unlink()
     again = generate_cascade_cohort(low_ckpt, sr_ckpt, csv, tmp_path / "gen", device="cpu", progress=False)
     assert again.written == ["a"], "a subject whose labels are gone is made again"
+    meta = json.loads(Cohort(tmp_path / "gen").path("meta", "a").read_text())
+    assert meta["sampler_superres"]["lr_labels"] == "onehot"
+    _sr_sees_the_generated_lr_labels_as_one_hot(sr_ckpt)
+
+
+def _sr_sees_the_generated_lr_labels_as_one_hot(sr_ckpt):
+    """lr_labels 'onehot': soft generated LR label channels reach the SR network as the one-hot code of their
+    argmax (the form SR was trained on) — the same result as giving it that code; 'soft' passes them as they are."""
+    import dataclasses
+
+    from libs.cascade import load_sr_model, sample_sr
+    from libs.demographics import Demographics
+    model = load_sr_model(sr_ckpt, torch.device("cpu"))
+    lr_shape = [g // model.factor for g in model.grid]
+    gen = torch.Generator().manual_seed(0)
+    soft = torch.rand(CS.count, *lr_shape, generator=gen)
+    snapped = torch.cat([soft[:2], CS.one_hot(CS.decode(soft[2:]))])
+    demo = Demographics("a", 1.6, 55.0, "F", 30.0)
+    onehot = model.config.sample
+    as_given = dataclasses.replace(onehot, lr_labels="soft")
+    cpu, window = torch.device("cpu"), model.config.window
+    a = sample_sr(model, soft, demo, 3, onehot, window, cpu)
+    b = sample_sr(model, snapped, demo, 3, as_given, window, cpu)
+    c = sample_sr(model, soft, demo, 3, as_given, window, cpu)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c), "soft label channels reach the network unchanged"
+    with pytest.raises(ValueError, match="lr_labels must be"):
+        dataclasses.replace(onehot, lr_labels="bits")
 
 
 def test_pairing_and_fine_tunes_refuse_another_label_set(setup):

@@ -7,7 +7,15 @@ import torch
 
 from libs.diffusion import Denoiser
 from libs.nn import UNet
-from libs.samplers import initial_noise, karras_sigmas, per_sample_generators, sample_euler, sample_heun
+from libs.samplers import (
+    initial_noise,
+    karras_sigmas,
+    network_calls,
+    per_sample_generators,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+)
 
 MU, S = 0.3, 0.5  # data distribution N(MU, S²) per voxel
 SIGMA_MAX = 80.0
@@ -69,6 +77,44 @@ def test_euler_converges_first_order():
     assert errs[-1] < 0.03, f"Euler (256 steps) error {errs[-1]:.3e} too large"
     heun = _max_error(sample_heun, x, 32)
     assert heun < errs[0], f"Heun error {heun:.2e} should beat Euler's {errs[0]:.2e} at 32 steps"
+
+
+def test_dpmpp_2m_is_second_order_and_beats_euler_and_heun_at_equal_calls():
+    torch.manual_seed(4)
+    x = torch.randn(64, 1, 2, 2, 2) * SIGMA_MAX
+    errs = [_max_error(sample_dpmpp_2m, x, n) for n in (16, 32, 64, 128)]
+    ratios = [a / b for a, b in zip(errs[:-1], errs[1:], strict=True)]
+    assert all(3.0 < r < 5.5 for r in ratios), f"DPM-Solver++(2M) error should drop ~4x per doubling, {ratios}"
+    euler = _max_error(sample_euler, x, 32)
+    heun = _max_error(sample_heun, x, 16)                  # 31 calls against 32
+    assert errs[1] < euler / 5 and errs[1] < heun, f"2M {errs[1]:.2e}, Euler {euler:.2e}, Heun {heun:.2e}"
+    assert network_calls("dpmpp_2m", 32) == network_calls("euler", 32) == 32 and network_calls("heun", 16) == 31
+    calls = []
+
+    def counting(x, sigma, cond=None):
+        calls.append(float(sigma[0]))
+        return gaussian_denoiser(x, sigma, cond)
+
+    sample_dpmpp_2m(counting, x, karras_sigmas(12))
+    assert len(calls) == 12, "one denoiser call per step"
+
+
+def test_dpmpp_2m_same_in_both_ode_spaces_gaussian_statistics_and_no_churn():
+    torch.manual_seed(5)
+    x = torch.randn(512, 1, 4, 4, 4) * SIGMA_MAX
+    sigmas = karras_sigmas(24)
+    torch.testing.assert_close(sample_dpmpp_2m(gaussian_denoiser, x, sigmas, space="flow"),
+                               sample_dpmpp_2m(gaussian_denoiser, x, sigmas, space="sigma"))
+    out = sample_dpmpp_2m(gaussian_denoiser, x, karras_sigmas(64))
+    assert abs(out.mean().item() - MU) < 0.01 and abs(out.std().item() - S) < 0.015, (out.mean(), out.std())
+    with pytest.raises(ValueError, match="space must be one of"):
+        sample_dpmpp_2m(gaussian_denoiser, x, sigmas, space="time")
+    with pytest.raises(ValueError, match="churn must be 0"):
+        sample_dpmpp_2m(gaussian_denoiser, x, sigmas, churn=1.0)
+    from libs.lowres import SampleConfig
+    with pytest.raises(ValueError, match="dpmpp_2m is deterministic"):
+        SampleConfig(solver="dpmpp_2m", churn=4.0)
+    assert SampleConfig(solver="dpmpp_2m").solver == "dpmpp_2m"
 
 
 def test_stochastic_heun_gaussian_statistics():

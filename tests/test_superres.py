@@ -19,7 +19,15 @@ from libs.lowres import HeightLaw, Standardize
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
 from libs.superres import ResidualPatches, SRConfig, check_pairing, load_pairing, train_superres
 from libs.volumes import read_volume
-from libs.windows import position_channels, upsample, upsample_crop, window_grid, windowed_denoise
+from libs.windows import (
+    WindowPlan,
+    position_channels,
+    upsample,
+    upsample_crop,
+    window_grid,
+    window_weight,
+    windowed_denoise,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOWRES = {"in_plane_mm": 14.0, "data": {"grid": [32, 32, 64], "factor": 4, "load_workers": 1},
@@ -82,6 +90,47 @@ def test_windowed_equals_whole_volume_for_a_convolution():
     _, starts, _ = window_grid((40, 36, 72), (16, 16, 32), 0.25)
     assert len(starts) > 8, "the test must really tile the volume"
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+
+
+def _per_call_windowed(denoise, x, sigma, cond_fn, window, overlap, batch):
+    """The blending before WindowPlan: weights and conditioning recomputed at every call (reference only)."""
+    full = tuple(x.shape[2:])
+    win, starts, overlap_vox = window_grid(full, window, overlap)
+    out, norm = torch.zeros_like(x), torch.zeros(full)
+    for i in range(0, len(starts), batch):
+        chunk = starts[i:i + batch]
+        xs = torch.cat([x[:, :, a:a + win[0], b:b + win[1], c:c + win[2]] for a, b, c in chunk])
+        ys = denoise(xs, sigma.expand(len(chunk)), torch.stack([cond_fn(s, win) for s in chunk]))
+        for (a, b, c), y in zip(chunk, ys):
+            w = window_weight((a, b, c), win, full, overlap_vox)
+            out[0, :, a:a + win[0], b:b + win[1], c:c + win[2]] += y * w
+            norm[a:a + win[0], b:b + win[1], c:c + win[2]] += w
+    return out / norm
+
+
+@torch.no_grad()
+def test_window_plan_constants_computed_once_equal_the_per_call_ones():
+    conv = _conv_net(3)
+
+    def net(x, sigma, cond):                   # depends on sigma too, as a denoiser does
+        return conv(x, sigma, cond) / (1 + sigma[:, None, None, None, None])
+
+    cond = torch.randn(1, 2, 40, 36, 72)
+    calls = []
+
+    def cond_fn(start, win):
+        calls.append(tuple(start))
+        return cond[0, :, start[0]:start[0] + win[0], start[1]:start[1] + win[1], start[2]:start[2] + win[2]]
+
+    plan = WindowPlan((40, 36, 72), (16, 16, 32), 0.25, 5, cond_fn)
+    assert len(calls) == len(plan.starts) > 8
+    for sigma in (2.0, 0.3, 0.01):             # one plan serves every call of a sampler
+        x = torch.randn(1, 2, 40, 36, 72)
+        s = torch.tensor([sigma])
+        torch.testing.assert_close(plan.denoise(net, x, s), _per_call_windowed(net, x, s, cond_fn, (16, 16, 32),
+                                                                                0.25, 5), atol=1e-6, rtol=1e-6)
+    assert len(calls) == 4 * len(plan.starts), "conditioning is computed once per window by the plan"
+    assert plan.redundancy == pytest.approx(len(plan.starts) * 16 * 16 * 32 / (40 * 36 * 72))
 
 
 @torch.no_grad()
@@ -207,6 +256,7 @@ def test_cascade_cli_end_to_end_resume_and_bad_row(setup, tmp_path):
         meta = json.loads(cohort.path("meta", sid).read_text())
         assert {"lowres", "superres"} <= set(meta["checkpoints"]) and meta["seed_superres"] != meta["seed"]
         assert meta["sampler_superres"]["cond_noise"] == 0.0, "the inference augmentation level is recorded"
+        assert "lr_labels" not in meta["sampler_superres"], "a CT + PET model's subjects do not depend on it"
     ct_c = cohort.path("ct", "c")
     ct_c.write_bytes(ct_c.read_bytes()[:100])
     again = _run("2_Tests/infer.py", *args)
