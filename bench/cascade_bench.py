@@ -124,12 +124,15 @@ def _subjects(n: int) -> list[Demographics]:
 
 
 class _Volumes:
-    """The two attributes of libs.data.CohortVolumes that ResidualPatches reads, holding random volumes."""
+    """What ResidualPatches reads of libs.data.CohortVolumes (volumes, cond, region), holding random volumes."""
 
     def __init__(self, grid, records: list[Demographics], seed: int):
         g = torch.Generator().manual_seed(seed)
         self.volumes = [torch.rand(2, *grid, generator=g) for _ in records]
         self.cond = torch.from_numpy(encode_many(records))
+
+    def region(self, i: int, index: tuple[slice, ...]) -> torch.Tensor:
+        return self.volumes[i][(slice(None), *index)].float()
 
     def __len__(self) -> int:
         return len(self.volumes)

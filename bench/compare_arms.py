@@ -25,6 +25,10 @@ from libs.config import load_config  # noqa: E402
 from libs.generate import read_stage_file, resolve_checkpoint, stage_source  # noqa: E402
 from libs.lowres import LowresConfig  # noqa: E402
 from libs.samplers import network_calls  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fidelity import response_cells, slope_rows  # noqa: E402
+
 from libs.superres import SRConfig  # noqa: E402
 from libs.windows import window_grid  # noqa: E402
 
@@ -84,7 +88,31 @@ def summary(rows: dict, cohort: str) -> dict:
     return out
 
 
-def markdown(edm: dict, flow: dict, cost: dict, names: tuple[str, str]) -> str:
+def read_slopes(run: Path) -> dict:
+    """The demographic slopes (generated and noise floor vs held-out) of one fidelity run, by measure."""
+    path = run / "comparison" / "response.csv"
+    if not path.is_file():
+        raise click.ClickException(f"{path}: not found (the run's comparison folder)")
+    names = {"heldout": "heldout", "generated": "generated", "floor": "floor"}
+    return {r["measure"]: r for r in slope_rows(response_cells(path), names)}
+
+
+def slope_lines(edm: dict, flow: dict) -> list[str]:
+    out = ["", "Demographic slopes (least squares, adjusted for the other covariates; Δ % of the generated slope "
+           "from the held-out reference's):", "",
+           "| measure | covariate | reference slope | EDM Δ % | p | flow Δ % | p | noise floor Δ % |",
+           "|---|---|---|---|---|---|---|---|"]
+    for m, e in edm.items():
+        f = flow.get(m)
+        if f is None:
+            continue
+        out.append(f"| {m} | {e['covariate']} | {e['ref_slope']:.1f} | {_f(e['generated_pct'])} | "
+                   f"{_f(e['generated_p'], 3)} | {_f(f['generated_pct'])} | {_f(f['generated_p'], 3)} | "
+                   f"{_f(e['floor_pct'])} |")
+    return out
+
+
+def markdown(edm: dict, flow: dict, cost: dict, names: tuple[str, str], slopes: tuple[dict, dict] = ({}, {})) -> str:
     keys = [k for k in edm if k[2] in SEX and k in flow]
     same_ref = all(math.isclose(edm[k]["ref_mean"], flow[k]["ref_mean"], rel_tol=1e-9) for k in keys)
     out = ["# EDM vs flow matching on the closed-loop benchmark", "",
@@ -115,6 +143,8 @@ def markdown(edm: dict, flow: dict, cost: dict, names: tuple[str, str]) -> str:
         out.append(f"| {k[0]} | {k[1]} | {k[2]} | {e['ref_mean']:.{digits}f} | {_f(e['generated_pct'])} | "
                    f"{_f(e['generated_p'], 3)} | {_f(f['generated_pct'])} | {_f(f['generated_p'], 3)} | "
                    f"{_f(e['floor_pct'])} |")
+    if slopes[0] and slopes[1]:
+        out += slope_lines(*slopes)
     return "\n".join(out) + "\n"
 
 
@@ -131,7 +161,7 @@ def main(edm_dir, flow_dir, edm_runs, flow_runs, out):
     edm, flow = read_rows(edm_dir / "fidelity.csv"), read_rows(flow_dir / "fidelity.csv")
     cost = {"edm": arm_cost(Path(edm_runs) if edm_runs else edm_dir / "runs"),
             "flow": arm_cost(Path(flow_runs) if flow_runs else flow_dir / "runs")}
-    text = markdown(edm, flow, cost, (str(edm_dir), str(flow_dir)))
+    text = markdown(edm, flow, cost, (str(edm_dir), str(flow_dir)), (read_slopes(edm_dir), read_slopes(flow_dir)))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text, encoding="utf-8")
     se, sf = summary(edm, "generated"), summary(flow, "generated")

@@ -210,7 +210,7 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
                 "superres": sr_model.sha256, "ema": ema}
 
     return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance,
-                   labels=sr_model.channels.has_labels)
+                   labels=sr_model.channels.has_labels, overlap_writes=dev.type == "cuda")
 
 
 def sr_settings(s_sr: SRSampleConfig, model: SRModel) -> dict:

@@ -128,5 +128,6 @@ def test_flow_arm_and_the_side_by_side_table(tmp_path):
     assert res.stdout.strip().splitlines()[-1].startswith(f"{out}: body: p<0.05 EDM ")
     md = out.read_text()
     assert "the same held-out reference and noise floor" in md
+    assert "| volume_ml | weight_kg (per 10 kg) |" in md, "the demographic slopes of both arms"
     assert "| lowres: objective, sampler | edm, heun 3 steps in sigma | flow, heun 3 steps in flow |" in md, md
     assert "| network evaluations per subject" in md and "| body | volume_ml | sex=F |" in md

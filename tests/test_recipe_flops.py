@@ -138,7 +138,7 @@ def test_cascade_bench_times_recipes(tmp_path):
     recipes = ["a: lowres=dpmpp_2m:2, sr=euler:2, window=28x28x48, overlap=0.25",
                "b: lowres=heun:2, sr=heun:2, window=56x56x96, overlap=0.25"]
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "cascade_bench.py"), "--size", "demo", "--device", "cpu",
-                          "--threads", "1", "--warmup", "0", "--repeats", "1", "--skip-train", "--json-out", str(out)]
+                          "--threads", "1", "--warmup", "0", "--repeats", "1", "--train-batch", "1", "--json-out", str(out)]
                          + [arg for r in recipes for arg in ("--recipe", r)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -151,6 +151,8 @@ def test_cascade_bench_times_recipes(tmp_path):
     assert cells[("sr", "euler")]["windows"] == len(window_grid(grid, (28, 28, 48), 0.25)[1]) > 1
     assert cells[("sr", "heun")]["windows"] == 1
     assert "| a |" in res.stdout and "| b |" in res.stdout
+    train = next(r for r in data["results"] if r["kind"] == "train")
+    assert "error" not in train and train["images_per_s"] > 0, train.get("error")
     both = subprocess.run([sys.executable, str(ROOT / "bench" / "cascade_bench.py"), "--recipe", recipes[0],
                            "--steps-sr", "3"], capture_output=True, text=True, cwd=ROOT)
     assert both.returncode != 0 and "not both" in both.stderr
