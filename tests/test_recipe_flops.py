@@ -137,9 +137,10 @@ def test_cascade_bench_times_recipes(tmp_path):
     out = tmp_path / "time.json"
     recipes = ["a: lowres=dpmpp_2m:2, sr=euler:2, window=28x28x48, overlap=0.25",
                "b: lowres=heun:2, sr=heun:2, window=56x56x96, overlap=0.25"]
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "cascade_bench.py"), "--size", "demo", "--device", "cpu",
-                          "--threads", "1", "--warmup", "0", "--repeats", "1", "--train-batch", "1", "--json-out", str(out)]
-                         + [arg for r in recipes for arg in ("--recipe", r)], capture_output=True, text=True, cwd=ROOT)
+    args = ["--size", "demo", "--device", "cpu", "--threads", "1", "--warmup", "0", "--repeats", "1", "--train-batch",
+            "1", "--json-out", str(out)] + [arg for r in recipes for arg in ("--recipe", r)]
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "cascade_bench.py"), *args], capture_output=True,
+                         text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["pairs"]}
