@@ -107,12 +107,10 @@ def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None):
     multistep solver)."""
     import dataclasses
 
-    from libs.cascade import load_sr_model
-    from libs.generate import load_lowres_model
-    cpu = torch.device("cpu")
+    from libs.generate import read_stage_file, resolve_checkpoint
     out = []
-    recorded = (load_lowres_model(lowres, cpu, ema=False).config.sample,
-                load_sr_model(superres, cpu, ema=False).config.sample)
+    recorded = [load_config(read_stage_file(resolve_checkpoint(path), stage)["config"], cls).sample
+                for path, stage, cls in ((lowres, "lowres", LowresConfig), (superres, "superres", SRConfig))]
     for sample, spec, name in zip(recorded, (lowres_spec, sr_spec), ("--sampler-lowres", "--sampler-sr")):
         if spec:
             solver, _, steps = spec.partition(":")
