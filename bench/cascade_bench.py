@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from libs.cascade import SRModel, sample_sr, to_physical_hr
+from libs.channels import ChannelSet
 from libs.config import load_config, to_dict
 from libs.demographics import Demographics, encode_many
 from libs.diffusion import Denoiser, EDM2Loss
@@ -57,7 +58,7 @@ from libs.generate import Model, sample_lowres, subject_seed
 from libs.lowres import LowresConfig, Standardize
 from libs.nn import count_parameters
 from libs.samplers import network_calls
-from libs.superres import COND_CHANNELS, Pairing, ResidualPatches, SRConfig, sr_normalization
+from libs.superres import Pairing, ResidualPatches, SRConfig, sr_cond_channels, sr_normalization
 from libs.training import Trainer, memory_format
 from libs.windows import window_grid
 
@@ -111,7 +112,8 @@ def _sr_model(size: str, device: torch.device, seed: int, compile_: bool = False
     """A libs.cascade.SRModel as load_sr_model returns it, with random weights and stand-in constants."""
     cfg, _, norm = _sr_normalization(size)
     torch.manual_seed(seed + 1)
-    net = _inference_net(cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS), device, compile_)
+    cond_channels = sr_cond_channels(ChannelSet(), cfg.data.lr_anchors)
+    net = _inference_net(cfg.model.build(in_channels=2, cond_channels=cond_channels), device, compile_)
     sigma = float(norm["sigma_data"])
     return SRModel(Denoiser(net, sigma), cfg, norm, Standardize.from_record(norm, float(norm["net_sigma"])), sigma,
                    CONFIGS / PRESETS[size][1], "random-init", 0)
@@ -238,10 +240,11 @@ def _train_cell(spec: dict, device: torch.device, tmp: str):
     """(warm-up fn, timed fn, images per call, 0): one SR Trainer.train_step on prepared residual patches."""
     cfg, pairing, norm = _sr_normalization(spec["size"])
     std = Standardize(CHANNEL_MEAN, CHANNEL_STD, pairing.net_sigma)
-    patches = ResidualPatches(_Volumes(pairing.grid, _subjects(2), spec["seed"]), pairing, cfg.data.patch, std)
+    patches = ResidualPatches(_Volumes(pairing.grid, _subjects(2), spec["seed"]), pairing, cfg.data.patch, std,
+                              anchors=cfg.data.lr_anchors)
     x, cond = patches.batch(np.random.default_rng(spec["seed"]), spec["batch"])
     torch.manual_seed(spec["seed"] + 1)
-    net = cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)
+    net = cfg.model.build(in_channels=2, cond_channels=sr_cond_channels(ChannelSet(), cfg.data.lr_anchors))
     optim = dataclasses.replace(cfg.optim, batch=spec["batch"])
     loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
     loop = dataclasses.replace(cfg.loop, compile=spec.get("compile", False))
@@ -428,7 +431,8 @@ def _environment(size: str, device: str, threads: int, window_batch: int) -> dic
            "python": platform.python_version(), "cpu": _cpu_name(), "cpu_affinity": affinity, "torch_threads": threads,
            "device": device, "size": size, "presets": list(PRESETS[size]),
            "lowres_parameters": count_parameters(lr_cfg.model.build(in_channels=2, cond_channels=4)),
-           "sr_parameters": count_parameters(sr_cfg.model.build(in_channels=2, cond_channels=COND_CHANNELS)),
+           "sr_parameters": count_parameters(sr_cfg.model.build(
+               in_channels=2, cond_channels=sr_cond_channels(ChannelSet(), sr_cfg.data.lr_anchors))),
            "grid": list(pairing.grid), "factor": pairing.factor, "lowres_shape": list(lr_cfg.sample_shape),
            "patch": list(sr_cfg.data.patch), "window": win, "overlap": sr_cfg.window.overlap,
            "windows_per_eval": n_windows, "window_batch": window_batch,

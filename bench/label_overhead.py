@@ -37,7 +37,7 @@ SIZES = {"bench": ("lowres_bench.yaml", "superres_bench.yaml"), "paper": ("lowre
 
 def call_cost(cfg, channels: ChannelSet, stage: str, shape) -> tuple[float, int]:
     """(FLOPs of one forward call on ``shape``, parameters) of a stage's network for ``channels``."""
-    cond = sr_cond_channels(channels) if stage == "superres" else 4
+    cond = sr_cond_channels(channels, cfg.data.lr_anchors) if stage == "superres" else 4
     with torch.device("meta"):
         net = cfg.model.build(in_channels=channels.count, cond_channels=cond)
     return CallCounter(cfg, cfg, channels).call(stage, shape), count_parameters(net)
@@ -54,8 +54,8 @@ def rows_for(size: str, labelled: ChannelSet) -> list[dict]:
         base_flops, base_params = call_cost(cfg, ChannelSet(), stage, shape)
         flops, params = call_cost(cfg, labelled, stage, shape)
         voxels = int(torch.tensor(shape).prod())
-        inputs_2ch = 2 + (sr_cond_channels(ChannelSet()) if stage == "superres" else 4)
-        inputs_labels = labelled.count + (sr_cond_channels(labelled) if stage == "superres" else 4)
+        inputs_2ch = 2 + (sr_cond_channels(ChannelSet(), sr.data.lr_anchors) if stage == "superres" else 4)
+        inputs_labels = labelled.count + (sr_cond_channels(labelled, sr.data.lr_anchors) if stage == "superres" else 4)
         out.append({"size": size, "stage": stage, "shape": shape, "flops_2ch": base_flops, "flops_labels": flops,
                     "flop_overhead_pct": 100 * (flops / base_flops - 1), "params_2ch": base_params,
                     "params_labels": params, "input_mb_2ch": inputs_2ch * voxels * 4 / 1e6,

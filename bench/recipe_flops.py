@@ -114,7 +114,7 @@ class CallCounter:
 
     def _count(self, stage: str, shape: tuple[int, int, int]) -> float:
         cfg = self.sr if stage == "superres" else self.low
-        cond = sr_cond_channels(self.channels) if stage == "superres" else 4
+        cond = sr_cond_channels(self.channels, self.sr.data.lr_anchors) if stage == "superres" else 4
         with torch.device("meta"):
             net = cfg.model.build(in_channels=self.channels.count, cond_channels=cond)
             x, c = torch.zeros(1, self.channels.count, *shape), torch.zeros(1, cond, *shape)

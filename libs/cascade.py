@@ -43,7 +43,7 @@ from .superres import (
 )
 from .training import memory_format
 from .volumes import centered_affine
-from .windows import WindowPlan, position_channels, upsample
+from .windows import WindowPlan, anchor_mask, anchored_upsample, position_channels, upsample
 
 
 @dataclass
@@ -72,6 +72,11 @@ class SRModel:
     @property
     def objective(self) -> str:
         return self.config.diffusion.objective
+
+    @property
+    def anchors(self) -> bool:
+        """Trained with LR anchors (``data.lr_anchors``; absent in older checkpoints: off)."""
+        return bool(self.normalization.get("lr_anchors", False))
 
     @property
     def residual(self) -> Standardize:
@@ -110,11 +115,16 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
         lr_u = torch.cat([lr_u[model.channels.image], model.channels.one_hot(model.channels.decode(
             lr_u[model.channels.labels]))])
     lr_net = model.standardize.to_net(lr_u[None].to(device))
-    up_clean = upsample(lr_net, f)                                                       # (1, C, X, Y, Z)
+    offset = anchor_offset(seed, f) if model.anchors else None
+
+    def up_fn(lr):
+        return upsample(lr, f) if offset is None else anchored_upsample(lr, f, offset)
+
+    up_clean = up_fn(lr_net)                                                             # (1, C, X, Y, Z)
     up = up_clean
     if sample.cond_noise > 0:                  # conditioning augmentation at a fixed level (its own stream)
         noise = torch.randn(lr_net.shape[1:], generator=per_sample_generators([seed], stream=2)[0])
-        up = upsample(lr_net + sample.cond_noise * noise[None].to(device), f)
+        up = up_fn(lr_net + sample.cond_noise * noise[None].to(device))
     demo_vec = standardize_demographics(torch.from_numpy(demo.encode()), model.normalization).to(device)
     size = list(window.size or model.config.data.patch)
     level = sample.cond_noise / AUG_CHANNEL_SCALE
@@ -122,8 +132,11 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
     def cond_fn(start, win):
         sl = tuple(slice(s, s + w) for s, w in zip(start, win))
         const = demo_vec[:, None, None, None].expand(-1, *win)
-        return torch.cat([up[0][(slice(None), *sl)], const, position_channels(start, win, grid, device),
-                          torch.full((1, *win), level, device=device)])
+        parts = [up[0][(slice(None), *sl)], const, position_channels(start, win, grid, device),
+                 torch.full((1, *win), level, device=device)]
+        if offset is not None:
+            parts.append(anchor_mask(start, win, f, offset, device))
+        return torch.cat(parts)
 
     # windows, blend weights and every window's conditioning: once per subject, not once per denoiser call
     plan = WindowPlan(grid, size, window.overlap, window.batch, cond_fn, device, memory_format(device))
@@ -138,7 +151,17 @@ def sample_sr(model: SRModel, lr_u: torch.Tensor, demo: Demographics, seed: int,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
     with autocast:
         residual = sample.solve(full_denoiser, x, sigmas, None, model.objective, gens, progress)
-    return model.standardize.from_net(up_clean + model.residual.from_net(residual.float()))[0].clamp(0.0, 1.0)
+    residual = model.residual.from_net(residual.float())
+    if offset is not None:                     # the anchors are the LR sample itself: residual exactly 0
+        residual = residual * (1.0 - anchor_mask((0, 0, 0), grid, f, offset, device))
+    return model.standardize.from_net(up_clean + residual)[0].clamp(0.0, 1.0)
+
+
+def anchor_offset(seed: int, factor: int) -> tuple[int, int, int]:
+    """The polyphase offset a generated LR sample is taken to have (LR anchors): drawn from the subject's seed
+    (its own stream), so every offset the SR stage was trained on occurs, reproducibly."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3]))
+    return tuple(int(v) for v in rng.integers(factor, size=3))
 
 
 class _NullContext:
@@ -227,6 +250,8 @@ def _cascade_meta(d, seed_lr, seed_sr, s_lr, s_sr, win, lr_model: Model, sr_mode
     meta["sampler_superres"] = {**sr_settings(s_sr, sr_model), "sigma_max": s_sr.sigma_max_ratio * sr_model.sigma_data,
                                 "ode_space": s_sr.space(sr_model.objective)}
     meta["window"] = asdict(win)
+    if sr_model.anchors:
+        meta["lr_anchor_offset"] = list(anchor_offset(seed_sr, sr_model.factor))
     meta["checkpoints"]["superres"] = {"path": str(sr_model.path), "sha256": sr_model.sha256, "step": sr_model.step,
                                        "objective": sr_model.objective}
     return meta

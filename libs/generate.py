@@ -110,7 +110,7 @@ def stage_channels(stage: str, norm: dict) -> tuple[int, int]:
     """(input channels, conditioning channels) of a stage's network, from its checkpoint's normalization record."""
     from .superres import sr_cond_channels
     channels = ChannelSet.from_record(norm)
-    return channels.count, (sr_cond_channels(channels) if stage == "superres" else 4)
+    return channels.count, (sr_cond_channels(channels, bool(norm.get("lr_anchors"))) if stage == "superres" else 4)
 
 
 def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.device, ema: bool,

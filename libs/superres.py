@@ -17,6 +17,17 @@ Conditioning augmentation (cascaded diffusion, Ho et al. 2022, §3 / §4.2): in 
 a level s ~ U(0, ``augment.max_level``) (network units of the LR, SD 0.5) is added to the LR before it is
 upsampled, and s / 0.5 is given to the network as a constant channel; the target stays HR − up(clean LR).
 At inference the generated LR gets a small fixed level (``sample.cond_noise``), recorded in meta.
+
+LR anchors (``data.lr_anchors``, off in checkpoints that predate it): the LR is one polyphase subsample, so
+every LR voxel *is* one HR voxel — the one at f·j + offset.  Plain trilinear up() (align_corners=False) puts it
+half an HR voxel away whatever the offset, and the network is never told the offset: it cannot know which HR
+voxels its conditioning states exactly, and must guess every edge to ±1 voxel.  Measured on the committed bench
+weights (4 held-out phantoms super-resolved from their true LR): 13.8 % of the HR lung voxels that the LR itself
+sampled as lung came out as tissue — no better than the voxels in between.  With anchors, up() is
+:func:`~libs.windows.anchored_upsample` (LR voxel j exactly at f·j + offset, so the residual is 0 there), an
+extra conditioning channel marks the anchor voxels, and at inference the residual is set to 0 on them at the end:
+the SR output's polyphase component at that offset equals the LR sample.  Training draws the offset at random
+(as before); generation draws one per subject from its seed.
 """
 
 from __future__ import annotations
@@ -50,14 +61,15 @@ from .lowres import (
 )
 from .nn import count_parameters
 from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
-from .windows import lr_region, position_channels, upsample
+from .windows import anchor_mask, anchored_region, anchored_upsample, lr_region, position_channels, upsample
 
 COND_CHANNELS = 2 + 4 + 3 + 1     # up(LR), demographics, position, augmentation level (CT + PET models)
 
 
-def sr_cond_channels(channels: ChannelSet) -> int:
-    """Conditioning channels of the SR network: up(LR) of every channel, demographics, position, level."""
-    return channels.count + 4 + 3 + 1
+def sr_cond_channels(channels: ChannelSet, anchors: bool = False) -> int:
+    """Conditioning channels of the SR network: up(LR) of every channel, demographics, position, level and,
+    with LR anchors, the anchor mask."""
+    return channels.count + 4 + 3 + 1 + int(anchors)
 AUG_CHANNEL_SCALE = 0.5          # the level channel holds s / 0.5 (s in network units of the LR)
 
 
@@ -67,6 +79,7 @@ class SRDataConfig:
     patch: list[int] = field(default_factory=lambda: [56, 56, 96])
     cache_dir: str | None = None
     load_workers: int = 4
+    lr_anchors: bool = False       # LR voxels placed at their own HR voxel + anchor-mask channel (module doc)
 
     def __post_init__(self):
         if len(self.patch) != 3:
@@ -213,8 +226,9 @@ class ResidualPatches:
     """
 
     def __init__(self, volumes: CohortVolumes, pairing: Pairing, patch, standardize: Standardize,
-                 cond_scaling: dict | None = None):
+                 cond_scaling: dict | None = None, anchors: bool = False):
         self.volumes, self.pairing, self.patch, self.std = volumes, pairing, tuple(patch), standardize
+        self.anchors = anchors
         self.cond = standardize_demographics(volumes.cond, cond_scaling or {})     # (N, 4) as the network sees it
         self.lr_shape = tuple(g // pairing.factor for g in pairing.grid)
 
@@ -224,20 +238,31 @@ class ResidualPatches:
         i = int(rng.integers(len(self.volumes)))
         offset = offset_of(int(rng.integers(f**3)), f)
         start = [int(rng.integers(g - p + 1)) for g, p in zip(grid, self.patch)]
-        lr_sl, hr_sl = lr_region(start, self.patch, f, self.lr_shape)
+        if self.anchors:
+            lr_sl = anchored_region(start, self.patch, f, offset, self.lr_shape)
+
+            def up_fn(lr):
+                return anchored_upsample(lr, f, offset, start, self.patch, self.lr_shape, [s.start for s in lr_sl])[0]
+        else:
+            lr_sl, hr_sl = lr_region(start, self.patch, f, self.lr_shape)
+
+            def up_fn(lr):
+                return upsample(lr, f)[(0, slice(None), *hr_sl)]
         lr_idx = tuple(slice(o + s.start * f, o + (s.stop - 1) * f + 1, f) for o, s in zip(offset, lr_sl))
         lr_clean = self.std.to_net(self.volumes.region(i, lr_idx)[None])               # (1, C, region)
-        up_clean = upsample(lr_clean, f)[(0, slice(None), *hr_sl)]
+        up_clean = up_fn(lr_clean)
         up = up_clean
         if aug_level > 0:
             noise = torch.from_numpy(aug_rng.standard_normal(lr_clean.shape, dtype=np.float32))
-            up = upsample(lr_clean + aug_level * noise, f)[(0, slice(None), *hr_sl)]
+            up = up_fn(lr_clean + aug_level * noise)
         sl = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
         residual = self.std.to_net(self.volumes.region(i, sl)[None])[0] - up_clean
         demo = expand_cond(self.cond[i:i + 1], self.patch)[0]
         level = torch.full((1, *self.patch), aug_level / AUG_CHANNEL_SCALE)
-        cond = torch.cat([up, demo, position_channels(start, self.patch, grid), level])
-        return residual, cond
+        parts = [up, demo, position_channels(start, self.patch, grid), level]
+        if self.anchors:
+            parts.append(anchor_mask(start, self.patch, f, offset))
+        return residual, torch.cat(parts)
 
     def batch(self, rng: np.random.Generator, n: int, augment: AugmentConfig | None = None,
               aug_rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,10 +317,10 @@ def sr_normalization(cfg: SRConfig, pairing: Pairing, mean, std, residual_std, c
     return {**normalization(lowres_like, mean, std, cond_scaling), "objective": cfg.diffusion.objective,
             "net_sigma": pairing.net_sigma,
             "sigma_data": cfg.diffusion.sigma_data, "residual_std": [float(v) for v in residual_std],
-            "patch": list(cfg.data.patch),
+            "patch": list(cfg.data.patch), "lr_anchors": bool(cfg.data.lr_anchors),
             "cond": [f"up(lr) {c}" for c in pairing.channels.names] + [
                 "demographics x4", "position x/X", "position y/Y", "position z/Z",
-                f"augmentation level / {AUG_CHANNEL_SCALE}"]}
+                f"augmentation level / {AUG_CHANNEL_SCALE}"] + (["anchor mask"] if cfg.data.lr_anchors else [])}
 
 
 def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -> Path | None:
@@ -306,7 +331,7 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
                              pairing.in_plane_mm, channels)
     mean, std = channels.full_stats(*channel_stats(volumes))
     torch.manual_seed(cfg.loop.seed)
-    n_cond = sr_cond_channels(channels)
+    n_cond = sr_cond_channels(channels, cfg.data.lr_anchors)
     net = cfg.model.build(in_channels=channels.count, cond_channels=n_cond)
     residual_std = cfg.diffusion.residual_std
     scaling = demographic_scaling(volumes.cond) if cfg.model.standardize_demographics else {}
@@ -321,7 +346,7 @@ def train_superres(cfg: SRConfig, device: str = "auto", progress: bool = True) -
             print(f"super-res: starting from {cfg.loop.init_from} (its normalization constants)")
     # the SR stage sees intensities standardized exactly like its low-res stage (same cohort statistics)
     standardize = Standardize(mean, std, pairing.net_sigma)
-    patches = ResidualPatches(volumes, pairing, cfg.data.patch, standardize, scaling)
+    patches = ResidualPatches(volumes, pairing, cfg.data.patch, standardize, scaling, cfg.data.lr_anchors)
     if residual_std and len(residual_std) != channels.count:
         raise ConfigError(f"diffusion.residual_std has {len(residual_std)} values; the channels {channels.names} "
                           f"need {channels.count} (or null to measure them)")

@@ -55,6 +55,63 @@ def upsample(lr: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(lr, scale_factor=factor, mode="trilinear", align_corners=False)
 
 
+def anchored_axis(start: int, size: int, factor: int, offset: int, n_lr: int, lr_origin: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One axis of :func:`anchored_upsample`: for HR indices ``start … start+size−1`` the two LR indices they
+    read (relative to ``lr_origin``) and the weight of the second.  LR voxel j sits at HR index f·j + offset
+    (the voxel the polyphase subsample took), so at those *anchor* voxels the weight is exactly 0."""
+    h = torch.arange(start, start + size, dtype=torch.float64)
+    t = ((h - offset) / factor).clamp(0.0, n_lr - 1)
+    j0 = t.floor().clamp(max=max(n_lr - 2, 0))
+    w = (t - j0).float()
+    j0 = j0.long()
+    j1 = (j0 + 1).clamp(max=n_lr - 1)
+    return j0 - lr_origin, j1 - lr_origin, w
+
+
+def anchored_region(start: Sequence[int], size: Sequence[int], factor: int, offset: Sequence[int],
+                    lr_shape: Sequence[int]) -> list[slice]:
+    """The LR slices that :func:`anchored_upsample` reads for the HR patch at ``start`` of ``size``."""
+    out = []
+    for s, n, o, full in zip(start, size, offset, lr_shape):
+        j0, j1, _ = anchored_axis(s, n, factor, o, full)
+        out.append(slice(int(j0.min()), int(j1.max()) + 1))
+    return out
+
+
+def anchored_upsample(lr: torch.Tensor, factor: int, offset: Sequence[int], start: Sequence[int] | None = None,
+                      size: Sequence[int] | None = None, lr_shape: Sequence[int] | None = None,
+                      lr_origin: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """Trilinear ×``factor`` upsampling of (B, C, x, y, z) that puts LR voxel j at HR index f·j + offset.
+
+    This is the inverse geometry of ``polyphase(hr, f, offset)``: at the anchor voxels (index ≡ offset mod f on
+    every axis) the result equals the LR voxel exactly; between them it interpolates linearly, and outside the
+    outermost anchors it holds the edge value.  ``start``/``size`` pick an HR patch (default: the whole
+    f-times grid); ``lr`` may be a region of the full LR volume (shape ``lr_shape``) that begins at
+    ``lr_origin`` — the result is then identical to the crop of the whole upsampled volume."""
+    lr_shape = list(lr_shape or lr.shape[2:])
+    start = list(start or (0, 0, 0))
+    size = list(size or [n * factor for n in lr_shape])
+    out = lr
+    for axis, (s, n, o, full, origin) in enumerate(zip(start, size, offset, lr_shape, lr_origin)):
+        j0, j1, w = anchored_axis(s, n, factor, o, full, origin)
+        dim = 2 + axis
+        shape = [1] * out.ndim
+        shape[dim] = n
+        w = w.to(out.device).view(shape)
+        a = out.index_select(dim, j0.to(out.device))
+        b = out.index_select(dim, j1.to(out.device))
+        out = a * (1.0 - w) + b * w           # exactly a at the anchors (w = 0)
+    return out
+
+
+def anchor_mask(start: Sequence[int], size: Sequence[int], factor: int, offset: Sequence[int],
+                device=None) -> torch.Tensor:
+    """(1, x, y, z) 1.0 at the anchor voxels of an HR patch (index ≡ offset mod f on every axis), else 0."""
+    axes = [((torch.arange(s, s + n, device=device) - o) % factor == 0) for s, n, o in zip(start, size, offset)]
+    return (axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]).float()[None]
+
+
 def lr_region(start: Sequence[int], size: Sequence[int], factor: int,
               lr_shape: Sequence[int]) -> tuple[list[slice], list[slice]]:
     """The LR slices that ``upsample(lr, factor)[..., start:start+size]`` reads, and the patch's slices within

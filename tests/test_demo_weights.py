@@ -15,7 +15,7 @@ from libs.config import load_config, to_dict
 from libs.generate import export_stage_safetensors, load_init_weights, stage_channels
 from libs.lowres import LowresConfig, train_lowres
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
-from libs.superres import COND_CHANNELS, SRConfig, load_pairing, train_superres
+from libs.superres import SRConfig, load_pairing, sr_cond_channels, train_superres
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "1_Trainings" / "configs"
@@ -65,6 +65,7 @@ def test_demo_weights_record_the_current_presets(stage):
         assert demo[key] == recorded[key], f"{stage}_demo.yaml '{key}' differs from the demo weights'"
     assert demo["data"].get("grid", recorded["data"].get("grid")) == recorded["data"].get("grid")
     assert demo["data"].get("patch", recorded["data"].get("patch")) == recorded["data"].get("patch")
+    assert demo["data"].get("lr_anchors") == recorded["data"].get("lr_anchors"), "LR anchors: demo vs weights"
 
 
 def _tiny(root: Path) -> dict:
@@ -97,7 +98,8 @@ def test_fine_tune_starts_from_exported_weights_and_refuses_the_other_stage(tmp_
     assert ckpt["normalization"]["channel_mean"] == meta["normalization"]["channel_mean"]
     sr = load_config(yaml.safe_load((CONFIGS / "superres_demo.yaml").read_text()), SRConfig)
     with pytest.raises(CheckpointError, match="'lowres' weights, this is the superres stage"):
-        load_init_weights(exported, "superres", sr.model.build(in_channels=2, cond_channels=COND_CHANNELS))
+        cond = sr_cond_channels(ChannelSet(), sr.data.lr_anchors)
+        load_init_weights(exported, "superres", sr.model.build(in_channels=2, cond_channels=cond))
     other = load_config({**base, "model": {**base["model"], "model_channels": 16, "channels_per_head": 16}},
                         LowresConfig)
     with pytest.raises(CheckpointError, match="does not fit"):

@@ -74,7 +74,7 @@ def test_counted_call_flops_equal_a_hand_count(stage):
     low, sr = _tiny()
     counter = CallCounter(low, sr)
     shape = (16, 16, 32)
-    cond_channels = 4 if stage == "lowres" else sr_cond_channels(ChannelSet())
+    cond_channels = 4 if stage == "lowres" else sr_cond_channels(ChannelSet(), sr.data.lr_anchors)
     cfg = low if stage == "lowres" else sr
     net = cfg.model.build(in_channels=2, cond_channels=cond_channels)
     hand = _hand_count(net, torch.randn(1, 2, *shape), torch.randn(1, cond_channels, *shape))

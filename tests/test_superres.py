@@ -390,3 +390,80 @@ def test_writer_thread_writes_what_the_sequential_loop_writes(tmp_path):
             b = read_volume(Cohort(tmp_path / "out_True").path(kind, sid), kind)
             assert np.array_equal(a.array, b.array) and np.allclose(a.affine, b.affine)
         assert Cohort(tmp_path / "out_True").path("previews", sid).stat().st_size > 0
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_anchored_upsample_inverts_the_polyphase_subsample(factor):
+    """LR anchors: LR voxel j lands exactly on HR voxel f·j + offset, linear in between, and a crop computed from
+    the LR region it reads equals the crop of the whole upsampled volume."""
+    from libs.data import polyphase
+    from libs.windows import anchor_mask, anchored_region, anchored_upsample
+    hr = torch.rand(1, 2, 12, 8, 16, generator=torch.Generator().manual_seed(factor))
+    for offset in [(0, 0, 0), (1, 0, factor - 1), (factor - 1,) * 3]:
+        lr = polyphase(hr, factor, offset)
+        up = anchored_upsample(lr, factor, offset)
+        assert up.shape == hr.shape
+        assert torch.equal(polyphase(up, factor, offset), lr), "the anchors must hold the LR values exactly"
+        mask = anchor_mask((0, 0, 0), hr.shape[2:], factor, offset)[0].bool()
+        assert int(mask.sum()) == lr[0, 0].numel() and torch.equal(up[0, :, mask], hr[0, :, mask])
+        # halfway between two anchors along z (x, y on anchors): the mean of the two LR voxels
+        x, y, z = offset[0], offset[1], offset[2] + factor // 2
+        torch.testing.assert_close(up[0, :, x, y, z], 0.5 * (lr[0, :, 0, 0, 0] + lr[0, :, 0, 0, 1]))
+        start, size = (3, 1, 5), (5, 6, 7)
+        region = anchored_region(start, size, factor, offset, lr.shape[2:])
+        crop = anchored_upsample(lr[(slice(None), slice(None), *region)], factor, offset, start, size,
+                                 lr.shape[2:], [r.start for r in region])
+        assert torch.equal(crop, up[:, :, 3:8, 1:7, 5:12])
+
+
+def test_anchored_patches_match_the_whole_volume_formula(setup):
+    """With data.lr_anchors the residual is HR − anchored up(LR) of the drawn offset (0 on the anchors), and the
+    last conditioning channel marks exactly the anchors; the draws consume the same random numbers as before."""
+    from libs.data import offset_of, polyphase
+    from libs.windows import anchor_mask, anchored_upsample
+    cfg, pairing, vols, plain = _patches(setup)
+    anchored = ResidualPatches(vols, pairing, cfg.data.patch, plain.std, anchors=True)
+    f, grid = pairing.factor, pairing.grid
+    rng, ref = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(6):
+        residual, cond = anchored.draw(rng)
+        i = int(ref.integers(len(vols)))
+        offset = offset_of(int(ref.integers(f**3)), f)
+        start = [int(ref.integers(g - p + 1)) for g, p in zip(grid, anchored.patch)]
+        hr = plain.std.to_net(vols.volumes[i][None].float())
+        up = anchored_upsample(polyphase(hr, f, offset), f, offset)
+        sl = (slice(None), slice(None), *(slice(s, s + p) for s, p in zip(start, anchored.patch)))
+        torch.testing.assert_close(residual, (hr - up)[sl][0], rtol=0, atol=1e-6)
+        mask = anchor_mask(start, anchored.patch, f, offset)
+        assert cond.shape[0] == 11 and torch.equal(cond[10:], mask)
+        assert torch.equal(residual[:, mask[0].bool()], torch.zeros_like(residual[:, mask[0].bool()]))
+        assert torch.equal(cond[:2], up[sl][0])
+
+
+def test_anchored_sr_keeps_the_lr_sample_and_old_checkpoints_stay_plain(setup, tmp_path):
+    """A model trained with LR anchors gets the extra channel, records it, and its output's polyphase component at
+    the subject's anchor offset is the LR sample it was given; one trained without keeps 10 channels."""
+    from libs.cascade import anchor_offset, load_sr_model, sample_sr
+    from libs.data import polyphase
+    from libs.demographics import Demographics
+    raw = yaml.safe_load((setup / "sr.yaml").read_text())
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["data"]["lr_anchors"] = True
+    cfg = load_config(raw, SRConfig)
+    ckpt = train_superres(cfg, device="cpu", progress=False)
+    norm = torch.load(ckpt, weights_only=True)["normalization"]
+    assert norm["lr_anchors"] is True and norm["cond"][-1] == "anchor mask"
+    model = load_sr_model(ckpt, torch.device("cpu"))
+    assert model.anchors
+    lr = torch.rand(2, *[g // model.factor for g in model.grid], generator=torch.Generator().manual_seed(0))
+    lr = lr * 0.8 + 0.1                          # inside (0, 1): the final clamp does not touch the anchors
+    person = Demographics("a", 1.7, 70, "M", 40)
+    for seed in (1, 2, 3):
+        out = sample_sr(model, lr, person, seed, cfg.sample, cfg.window, torch.device("cpu"))
+        torch.testing.assert_close(polyphase(out, model.factor, anchor_offset(seed, model.factor)), lr,
+                                   rtol=0, atol=1e-5)
+    assert len({anchor_offset(s, 4) for s in range(40)}) > 8, "offsets are drawn per subject"
+    plain = load_sr_model(train_superres(load_config({**raw, "run_dir": str(tmp_path / "plain"),
+                                                      "data": {**raw["data"], "lr_anchors": False}}, SRConfig),
+                                         device="cpu", progress=False), torch.device("cpu"))
+    assert not plain.anchors and plain.normalization["cond"][-1].startswith("augmentation level")
