@@ -76,6 +76,8 @@ class LoopConfig:
     keep_checkpoints: int = 3
     ema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
     bf16: bool = True              # autocast on CUDA (ignored on CPU)
+    bf16_cpu: bool = False         # bf16 autocast on a CPU too: ~2x faster training steps where the CPU has
+                                   # native bf16 (AMX or AVX512-BF16); fp32, with a notice, on any other CPU
     channels_last: bool = True     # channels-last 3-D memory format on CUDA
     compile: bool = False          # torch.compile the network
     loader_workers: int = 2        # background processes assembling batches (0 = in the loop)
@@ -132,6 +134,20 @@ def memory_format(device: torch.device | str) -> torch.memory_format:
     return torch.channels_last_3d if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
+def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
+    """True when this CPU computes bf16 natively (the ``amx_bf16`` or ``avx512_bf16`` flag of Linux's
+    cpuinfo): there oneDNN's bf16 convolutions are about twice as fast as fp32; elsewhere they are emulated
+    and slower. False where cpuinfo cannot be read (other operating systems)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[-1].split()))
+    return False
+
+
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     """True when ``run_dir`` holds a valid checkpoint a run would resume from."""
     return Path(run_dir).is_dir() and latest_checkpoint(run_dir) is not None
@@ -164,6 +180,9 @@ class Trainer:
         self.optim_cfg, self.loop, self.loss, self.batch_fn = optim, loop, loss, batch_fn
         self.run_dir, self.config, self.normalization = Path(run_dir), config, normalization
         self.progress = progress and self.dist.main
+        self.cpu_bf16 = self.device.type == "cpu" and loop.bf16_cpu and cpu_has_native_bf16()
+        if self.device.type == "cpu" and loop.bf16_cpu and not self.cpu_bf16 and self.progress:
+            print("loop.bf16_cpu: this CPU has no native bf16 (AMX / AVX512-BF16), so this run trains in fp32")
         if optim.batch % self.dist.world:
             raise ValueError(f"optim.batch {optim.batch} is not divisible by the {self.dist.world} ranks")
         self.net = net.to(self.device)
@@ -276,6 +295,8 @@ class Trainer:
     def _autocast(self):
         if self.device.type == "cuda" and self.loop.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.cpu_bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -318,7 +339,8 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         rec = {"step": self.step, "loss": round(loss, 6), "lr": self.optim_cfg.lr(self.step),
-               "img_per_s": round(img_per_s, 3), "time": time.time()}
+               "img_per_s": round(img_per_s, 3), "bf16": self.cpu_bf16 or (self.device.type == "cuda" and
+                                                                self.loop.bf16), "time": time.time()}
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
 

@@ -290,3 +290,43 @@ def test_standardization_round_trip_and_statistics(cohort_dir):
     x = st.to_net(allv)
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 0.5) < 1e-2, "network data: zero mean, SD σ_data"
     torch.testing.assert_close(st.from_net(x), allv, atol=1e-5, rtol=0)
+
+
+def test_cpu_bf16_flag_is_read_from_cpuinfo(tmp_path):
+    from libs.training import cpu_has_native_bf16
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(info)
+    assert not cpu_has_native_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_cpu_autocasts_training_only_on_a_cpu_with_native_bf16(cohort_dir, tmp_path, monkeypatch, capsys,
+                                                                   native):
+    import torch.nn.functional as F
+
+    import libs.training as training
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda *a, **k: native)
+    dtypes, conv3d = set(), F.conv3d
+
+    def recording_conv3d(*args, **kwargs):
+        out = conv3d(*args, **kwargs)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(F, "conv3d", recording_conv3d)
+    cfg = tiny_config(cohort_dir, tmp_path / "run", steps=2, report_every=2, bf16_cpu=True)
+    train_lowres(cfg, device="cpu", progress=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    notice = "this CPU has no native bf16" in capsys.readouterr().out
+    assert dtypes == ({torch.bfloat16} if native else {torch.float32})
+    assert [r["bf16"] for r in rows] == [native] and np.isfinite(rows[0]["loss"])
+    assert notice == (not native)
+    dtypes.clear()                                    # the default (bf16_cpu false) stays fp32 on any CPU
+    train_lowres(tiny_config(cohort_dir, tmp_path / "run_fp32", steps=2, report_every=2), device="cpu",
+                 progress=False)
+    assert dtypes == {torch.float32}
