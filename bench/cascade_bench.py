@@ -20,7 +20,8 @@ normalization constants).  What is timed is the library's own code path:
 - post: libs.cascade.to_physical_hr (body length from height, HU / SUV, background) of one subject;
 - SR training: one libs.training.Trainer.train_step (EDM2Loss forward + backward + Adam + EMA update) on
   ``--train-batch`` residual patches from libs.superres.ResidualPatches (assembled beforehand: in training
-  that is the loader workers' job).
+  that is the loader workers' job). On a CPU with native bf16 (AMX / AVX512-BF16) it is timed twice: fp32
+  and with the bf16 autocast of ``loop.bf16_cpu``.
 
 Times are medians over the timed repeats after ``--warmup`` untimed ones (a 1-step sampling call for the
 samplers, a training step for training; CUDA synchronized).  Speedups are against the first step pair
@@ -59,7 +60,7 @@ from libs.lowres import LowresConfig, Standardize
 from libs.nn import count_parameters
 from libs.samplers import network_calls
 from libs.superres import Pairing, ResidualPatches, SRConfig, sr_cond_channels, sr_normalization
-from libs.training import Trainer, memory_format
+from libs.training import Trainer, cpu_has_native_bf16, memory_format
 from libs.windows import window_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -247,7 +248,8 @@ def _train_cell(spec: dict, device: torch.device, tmp: str):
     net = cfg.model.build(in_channels=2, cond_channels=sr_cond_channels(ChannelSet(), cfg.data.lr_anchors))
     optim = dataclasses.replace(cfg.optim, batch=spec["batch"])
     loss = EDM2Loss(cfg.diffusion.P_mean, cfg.diffusion.P_std, cfg.diffusion.sigma_data)
-    loop = dataclasses.replace(cfg.loop, compile=spec.get("compile", False))
+    loop = dataclasses.replace(cfg.loop, compile=spec.get("compile", False),
+                               bf16_cpu=spec.get("bf16_cpu", cfg.loop.bf16_cpu))
     trainer = Trainer(net, loss, None, optim, loop, Path(tmp) / "run", to_dict(cfg), norm,
                       device=str(device), progress=False)
     x, cond = x.to(trainer.device), cond.to(trainer.device)
@@ -383,15 +385,22 @@ def _row_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _train_table(r: dict, patch) -> str:
-    head = ["SR training", "patch", "batch", "step median s", "images/s", "peak GiB", "repeats"]
+def _precision(r: dict, bf16_cuda: bool) -> str:
+    if r["device"] == "cpu":
+        return "bf16 autocast" if r.get("bf16_cpu") else "fp32"
+    return "bf16 autocast" if bf16_cuda else "fp32"
+
+
+def _train_table(results: list[dict], patch, bf16_cuda: bool) -> str:
+    head = ["SR training", "precision", "patch", "batch", "step median s", "images/s", "peak GiB", "repeats"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shape = "×".join(map(str, patch))
-    if "error" in r:
-        lines.append(f"| Trainer.train_step | {shape} | {r['batch']} | {r['error']} | – | – | {r['repeats']} |")
-    else:
-        lines.append(f"| Trainer.train_step | {shape} | {r['batch']} | {_secs(r['median_s'])} | "
-                     f"{r['images_per_s']:.3g} | {_gib(r)} | {r['repeats']} |")
+    for r in results:
+        start = f"| Trainer.train_step | {_precision(r, bf16_cuda)} | {shape} | {r['batch']} |"
+        if "error" in r:
+            lines.append(f"{start} {r['error']} | – | – | {r['repeats']} |")
+        else:
+            lines.append(f"{start} {_secs(r['median_s'])} | {r['images_per_s']:.3g} | {_gib(r)} | {r['repeats']} |")
     return "\n".join(lines)
 
 
@@ -439,7 +448,7 @@ def _environment(size: str, device: str, threads: int, window_batch: int) -> dic
            "sample_lowres": dataclasses.asdict(lr_cfg.sample), "sample_sr": dataclasses.asdict(sr_cfg.sample),
            "stand_in_normalization": {"channel_mean": CHANNEL_MEAN, "channel_std": CHANNEL_STD,
                                       "net_sigma": pairing.net_sigma, "residual_std": SR_RESIDUAL_STD},
-           "train_loop": {"bf16": sr_cfg.loop.bf16, "channels_last": sr_cfg.loop.channels_last,
+           "train_loop": {"bf16": sr_cfg.loop.bf16, "bf16_cpu": sr_cfg.loop.bf16_cpu, "channels_last": sr_cfg.loop.channels_last,
                           "compile": sr_cfg.loop.compile}}
     if torch.cuda.is_available():
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
@@ -546,8 +555,11 @@ def _run_all(base: dict, plan: list[dict], batch: int, window_batch: int, train_
             cells.setdefault(_cell_key(kind, cell), cell)
     specs = list(cells.values())
     specs.append({**base, "kind": "post", "repeats": base["repeats"]})
-    if train_batch:
-        specs.append({**base, "kind": "train", "batch": train_batch, "repeats": base["repeats"]})
+    if train_batch:       # on a CPU with native bf16: fp32 and bf16 autocast (loop.bf16_cpu) side by side
+        cpu_modes = [False, True] if base["device"] == "cpu" and cpu_has_native_bf16() else [False]
+        for bf16_cpu in cpu_modes if base["device"] == "cpu" else [None]:
+            extra = {} if bf16_cpu is None else {"bf16_cpu": bf16_cpu}
+            specs.append({**base, "kind": "train", "batch": train_batch, "repeats": base["repeats"], **extra})
     results = []
     for spec in specs:
         t0 = time.perf_counter()
@@ -637,10 +649,10 @@ def main(size, device, steps_lowres, steps_sr, batch, window_batch, train_batch,
                        lambda n: long_repeats if n >= long_steps else repeats)
     rows = _rows(results, plan)
     click.echo(_row_table(rows))
-    train = next((r for r in results if r["kind"] == "train"), None)
-    if train is not None:
+    train = [r for r in results if r["kind"] == "train"]
+    if train:
         click.echo("")
-        click.echo(_train_table(train, env["patch"]))
+        click.echo(_train_table(train, env["patch"], sr_cfg.loop.bf16))
     wall = time.perf_counter() - start
     click.echo(f"\nwall time of all cells (subprocess start-up, model builds and warm-up included): {wall:.0f} s")
     if json_out:
