@@ -448,8 +448,8 @@ def _environment(size: str, device: str, threads: int, window_batch: int) -> dic
            "sample_lowres": dataclasses.asdict(lr_cfg.sample), "sample_sr": dataclasses.asdict(sr_cfg.sample),
            "stand_in_normalization": {"channel_mean": CHANNEL_MEAN, "channel_std": CHANNEL_STD,
                                       "net_sigma": pairing.net_sigma, "residual_std": SR_RESIDUAL_STD},
-           "train_loop": {"bf16": sr_cfg.loop.bf16, "bf16_cpu": sr_cfg.loop.bf16_cpu, "channels_last": sr_cfg.loop.channels_last,
-                          "compile": sr_cfg.loop.compile}}
+           "train_loop": {"bf16": sr_cfg.loop.bf16, "bf16_cpu": sr_cfg.loop.bf16_cpu,
+                          "channels_last": sr_cfg.loop.channels_last, "compile": sr_cfg.loop.compile}}
     if torch.cuda.is_available():
         env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     return env
@@ -556,8 +556,8 @@ def _run_all(base: dict, plan: list[dict], batch: int, window_batch: int, train_
     specs = list(cells.values())
     specs.append({**base, "kind": "post", "repeats": base["repeats"]})
     if train_batch:       # on a CPU with native bf16: fp32 and bf16 autocast (loop.bf16_cpu) side by side
-        cpu_modes = [False, True] if base["device"] == "cpu" and cpu_has_native_bf16() else [False]
-        for bf16_cpu in cpu_modes if base["device"] == "cpu" else [None]:
+        cpu = base["device"] == "cpu"
+        for bf16_cpu in ([False, True] if cpu_has_native_bf16() else [False]) if cpu else [None]:
             extra = {} if bf16_cpu is None else {"bf16_cpu": bf16_cpu}
             specs.append({**base, "kind": "train", "batch": train_batch, "repeats": base["repeats"], **extra})
     results = []

@@ -180,8 +180,10 @@ class Trainer:
         self.optim_cfg, self.loop, self.loss, self.batch_fn = optim, loop, loss, batch_fn
         self.run_dir, self.config, self.normalization = Path(run_dir), config, normalization
         self.progress = progress and self.dist.main
-        self.cpu_bf16 = self.device.type == "cpu" and loop.bf16_cpu and cpu_has_native_bf16()
-        if self.device.type == "cpu" and loop.bf16_cpu and not self.cpu_bf16 and self.progress:
+        on_cpu = self.device.type == "cpu"
+        # the training step's autocast: bf16 on CUDA (loop.bf16), and on a CPU with native bf16 (loop.bf16_cpu)
+        self.bf16 = loop.bf16_cpu and cpu_has_native_bf16() if on_cpu else self.device.type == "cuda" and loop.bf16
+        if on_cpu and loop.bf16_cpu and not self.bf16 and self.progress:
             print("loop.bf16_cpu: this CPU has no native bf16 (AMX / AVX512-BF16), so this run trains in fp32")
         if optim.batch % self.dist.world:
             raise ValueError(f"optim.batch {optim.batch} is not divisible by the {self.dist.world} ranks")
@@ -293,10 +295,8 @@ class Trainer:
         return t
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.loop.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if self.cpu_bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -339,8 +339,7 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         rec = {"step": self.step, "loss": round(loss, 6), "lr": self.optim_cfg.lr(self.step),
-               "img_per_s": round(img_per_s, 3), "bf16": self.cpu_bf16 or (self.device.type == "cuda" and
-                                                                self.loop.bf16), "time": time.time()}
+               "img_per_s": round(img_per_s, 3), "bf16": self.bf16, "time": time.time()}
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
 
