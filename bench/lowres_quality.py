@@ -8,7 +8,12 @@
 2. the CT roughness of samples: mean |difference| of neighbouring voxels along x within the CT window
    [−500, 500] HU, for cascade-free low-res samples of the held-out demographics and for the held-out
    volumes themselves, polyphase-subsampled to the same in-plane grid;
-3. with ``--weight-sweep N``: does the generated body grow with the requested weight?  N subjects of
+3. the lungs and their rim, per sex: lung voxels (below −400 HU inside the body, the evaluation's lung
+   threshold), rim voxels (−400 to −200 HU inside the body: the grey edge between lung and tissue that the
+   threshold does not count) and mean body SUV, of the samples and of the held-out volumes on the same grid.
+   The phantoms' lungs have binary edges (few rim voxels); a generator whose lung edges come out grey loses
+   lung volume to the −400 HU threshold even when the lungs' extent is right;
+4. with ``--weight-sweep N``: does the generated body grow with the requested weight?  N subjects of
    1.75 m, age 50, alternating sex, weights evenly spaced over 50–100 kg; girth = mean area per axial
    slice (cm²) of voxels with CT > −200 HU; Pearson r and slope vs weight, for the samples and for phantoms
    of the same demographics put through the same training grid (the issue's GPU check, runnable anywhere).
@@ -37,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from libs.cohort import Cohort  # noqa: E402
 from libs.data import normalized_volume, polyphase  # noqa: E402
 from libs.demographics import Demographics, encode_many  # noqa: E402
-from libs.generate import load_lowres_model, pick_device, sample_lowres, subject_seed  # noqa: E402
-from libs.intensity import unit_to_ct  # noqa: E402
+from libs.evaluation.body import body_mask  # noqa: E402
+from libs.generate import load_lowres_model, pick_device, restore_background, sample_lowres, subject_seed  # noqa: E402
+from libs.intensity import unit_to_ct, unit_to_suv  # noqa: E402
 from libs.lowres import expand_cond  # noqa: E402
 from libs.phantom.writer import write_phantom_cohort  # noqa: E402
 
@@ -49,6 +55,34 @@ def roughness_hu(ct_hu: np.ndarray) -> float:
     """Mean |difference| of x-neighbours of a CT clipped to the paper's [−500, 500] HU window."""
     ct = np.clip(ct_hu.astype(np.float64), -500.0, 500.0)
     return float(np.abs(np.diff(ct, axis=0)).mean())
+
+
+LUNG_HU, RIM_HU = -400.0, -200.0      # the evaluation's lung threshold; the rim band above it
+
+
+def lung_rim(ct_unit: np.ndarray, pet_unit: np.ndarray) -> dict[str, float]:
+    """Lung voxels (< −400 HU inside the body), rim voxels (−400 to −200 HU inside the body) and mean body
+    SUV of one volume in [0, 1] units, after the generator's own background restoration."""
+    ct = restore_background(unit_to_ct(ct_unit))
+    body = body_mask(ct)
+    return {"lung_voxels": float(((ct < LUNG_HU) & body).sum()),
+            "rim_voxels": float(((ct >= LUNG_HU) & (ct < RIM_HU) & body).sum()),
+            "body_suv": float(unit_to_suv(pet_unit)[body].mean())}
+
+
+def lungs_by_sex(records: list[Demographics], reference: torch.Tensor, samples: torch.Tensor) -> dict:
+    """Per sex: mean lung / rim voxels and body SUV of held-out and generated volumes, and Δ % of the means."""
+    out = {}
+    for sex in sorted({d.sex for d in records}):
+        idx = [i for i, d in enumerate(records) if d.sex == sex]
+        row = {"n": len(idx)}
+        for name, vols in (("heldout", reference), ("generated", samples)):
+            m = [lung_rim(vols[i][0].cpu().numpy(), vols[i][1].cpu().numpy()) for i in idx]
+            row[name] = {k: float(np.mean([r[k] for r in m])) for k in m[0]}
+        row["delta_pct"] = {k: 100.0 * (row["generated"][k] / row["heldout"][k] - 1.0) if row["heldout"][k] else None
+                            for k in row["heldout"]}
+        out[sex] = row
+    return out
 
 
 def girth_cm2(ct_unit: np.ndarray, voxel_mm: float) -> float:
@@ -76,6 +110,10 @@ def weight_sweep(model, n: int, seed: int, dev: torch.device) -> dict:
                      "slope_cm2_per_kg": float(np.polyfit(weights, g, 1)[0]),
                      "girth_cm2_at_50kg_100kg": [float(g[0]), float(g[-1])]}
     return out
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.1f} %"
 
 
 @click.command()
@@ -124,6 +162,12 @@ def main(lowres, cohort, subjects, steps, seed, device, no_ema, sweep, json_out)
                   roughness_reference_hu=float(np.mean(rough_ref)))
     click.echo(f"  CT roughness (HU, {sample.steps}-step samples): generated {np.mean(rough_gen):.1f}, "
                f"held-out {np.mean(rough_ref):.1f}")
+    result["lungs_by_sex"] = lungs_by_sex(records, u, samples)
+    for sex, r in result["lungs_by_sex"].items():
+        h, g, d = r["heldout"], r["generated"], r["delta_pct"]
+        click.echo(f"  sex {sex} (n {r['n']}): lung voxels {h['lung_voxels']:.0f} held-out, {g['lung_voxels']:.0f} "
+                   f"generated ({_pct(d['lung_voxels'])}); rim voxels (-400 to -200 HU) {h['rim_voxels']:.0f}, "
+                   f"{g['rim_voxels']:.0f}; body SUV {h['body_suv']:.3f}, {g['body_suv']:.3f} ({_pct(d['body_suv'])})")
     if sweep:
         result["weight_sweep"] = weight_sweep(model, sweep, seed, dev)
         for name, r in result["weight_sweep"].items():

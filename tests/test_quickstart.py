@@ -152,6 +152,10 @@ def test_lowres_quality_bench_on_the_tiny_run(trained, tmp_path):
     # EDM preconditioning bounds the error at large σ whatever the weights: far below the noise itself
     assert rmse[5.0] < 2.0 and rmse[2.0] < 2.0
     assert 0 < q["roughness_reference_hu"] < 1000 and 0 < q["roughness_generated_hu"] < 1000
+    # lungs and rim per sex present in the held-out subjects; the processed phantoms have lungs
+    lungs = q["lungs_by_sex"]
+    assert sum(r["n"] for r in lungs.values()) == 2
+    assert all(r["heldout"]["lung_voxels"] > 0 and r["heldout"]["body_suv"] > 0 for r in lungs.values())
     # phantoms of 50 → 100 kg through the same grid: girth grows with weight (the reference the generated
     # girth is compared with)
     ph = q["weight_sweep"]["phantom"]
