@@ -19,6 +19,8 @@
     # the same trained stages on another held-out cohort, floor and sampling seed (no training):
     .venv/bin/python bench/fidelity.py --out bench_out/fidelity_h11 --runs-from bench_out/fidelity/runs \
         --heldout-seed 11
+    # the same stages and cohorts, another sampling seed (the generated cohort's run-to-run noise):
+    .venv/bin/python bench/fidelity.py --out bench_out/fidelity_g1 --runs-from bench_out/fidelity/runs --gen-seed 1
 
 Every step resumes (phantoms and generated subjects are skipped when complete, training resumes from its
 run folder). Writes OUT/fidelity.md, fidelity.csv, fidelity.png, previews.png and OUT/comparison/; the last
@@ -395,6 +397,9 @@ def _timed(times: dict, name: str, fn):
               help="Seed of the training cohort and the training runs.")
 @click.option("--heldout-seed", default=None, type=click.IntRange(0), metavar="H",
               help="Seed of the held-out cohort (floor: H+1) and of generation  [S+1; generation S].")
+@click.option("--gen-seed", default=None, type=click.IntRange(0), metavar="G",
+              help="Seed of the cascade's sampling [S, or H with --heldout-seed]: the same models, cohorts and "
+                   "floor drawn again, for the run-to-run noise of the generated cohort.")
 @click.option("--runs-from", default=None, type=click.Path(file_okay=False, exists=True), metavar="DIR",
               help="Evaluate the trained stages in DIR/{lowres,superres} (an earlier benchmark's runs/) or "
                    "DIR/{lowres,superres}.safetensors (exported weights, e.g. Resource/demo_weights) instead of "
@@ -406,14 +411,15 @@ def _timed(times: dict, name: str, fn):
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
 def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, seed, heldout_seed,
-         runs_from, sampler_lowres, sampler_sr, device, batch, quiet):
+         gen_seed, runs_from, sampler_lowres, sampler_sr, device, batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suffix = "_flow" if objective == "flow" else ""
     lowres_config = lowres_config or str(CONFIGS / f"lowres_bench{suffix}.yaml")
     superres_config = superres_config or str(CONFIGS / f"superres_bench{suffix}.yaml")
     out, times = Path(out), {}
-    gen_seed = seed if heldout_seed is None else heldout_seed
+    if gen_seed is None:
+        gen_seed = seed if heldout_seed is None else heldout_seed
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     runs = Path(runs_from) if runs_from else out / "runs"
     low_cfg, sr_cfg = stage_configs(Path(lowres_config), Path(superres_config), runs, out / "train", steps)

@@ -60,13 +60,18 @@ def test_fidelity_bench_trains_compares_and_reevaluates_trained_stages(tmp_path)
     ckpts = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ckpt-*.pt")}
     again = tmp_path / "again"
     res = _bench("--out", str(again), "--subjects", "12", "--lowres-config", str(low), "--superres-config", str(sr),
-                 "--runs-from", str(out / "runs"), "--heldout-seed", "7", "--sampler-sr", "dpmpp_2m:2")
+                 "--runs-from", str(out / "runs"), "--heldout-seed", "7", "--sampler-sr", "dpmpp_2m:2",
+                 "--gen-seed", "3")
     assert res.returncode == 0, res.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ckpt-*.pt")} == ckpts, "no training"
     assert not (again / "train").exists() and not (again / "runs").exists()
     assert _ids_and_heights(again / "heldout") != _ids_and_heights(out / "heldout")
     text = (again / "fidelity.md").read_text()
-    assert "held-out 7, floor 8, generation 7; trained stages from" in text, text[:600]
+    assert "held-out 7, floor 8, generation 3; trained stages from" in text, text[:600]
+    from libs.generate import subject_seed
+    first = _ids_and_heights(again / "heldout")[0][0]
+    sidecar = json.loads((again / "generated" / "meta" / f"{first}.json").read_text())
+    assert sidecar["seed"] == subject_seed(3, first) != subject_seed(7, first), "--gen-seed seeds the sampling"
     assert "SR dpmpp_2m 2 steps (churn 0)" in text, text[:800]
 
     # exported weights (as committed in Resource/demo_weights) evaluate like the run folders they came from
