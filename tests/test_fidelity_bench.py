@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from libs.generate import subject_seed
 from tests.test_superres import LOWRES, SR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,6 @@ def test_fidelity_bench_trains_compares_and_reevaluates_trained_stages(tmp_path)
     assert _ids_and_heights(again / "heldout") != _ids_and_heights(out / "heldout")
     text = (again / "fidelity.md").read_text()
     assert "held-out 7, floor 8, generation 3; trained stages from" in text, text[:600]
-    from libs.generate import subject_seed
     first = _ids_and_heights(again / "heldout")[0][0]
     sidecar = json.loads((again / "generated" / "meta" / f"{first}.json").read_text())
     assert sidecar["seed"] == subject_seed(3, first) != subject_seed(7, first), "--gen-seed seeds the sampling"
