@@ -7,7 +7,7 @@ DEMO   ?= demo_out
 
 WEIGHTS_BUILD ?= bench_out/demo_weights
 
-.PHONY: demo demo-weights test lint install figures clean-demo
+.PHONY: demo demo-weights demo-weights-sampler test lint install figures clean-demo
 
 install: $(STAMP)
 
@@ -52,6 +52,15 @@ demo-weights: $(STAMP)
 	cp $(WEIGHTS_BUILD)/fidelity.md Resource/demo_weights/fidelity.md
 	cp $(WEIGHTS_BUILD)/fidelity.png Resource/fidelity.png
 	cp $(WEIGHTS_BUILD)/previews.png Resource/fidelity_previews.png
+
+# After a bench preset's sample: section changed (a sampler measured on the committed weights): record it in
+# Resource/demo_weights/*.safetensors without retraining (tensors unchanged; a file already on it is left alone).
+demo-weights-sampler: $(STAMP)
+	for stage in lowres superres; do \
+	    $(PY) 1_Trainings/export_safetensors.py --checkpoint Resource/demo_weights/$$stage.safetensors \
+	        --sample-from 1_Trainings/configs/$${stage}_bench.yaml --out Resource/demo_weights/$$stage.safetensors \
+	        --made-by "make demo-weights-sampler" || exit 1; \
+	done
 
 # Regenerate the README's figures in Resource/: the pipeline diagram, and the demo's demographic
 # distributions and violin comparisons (runs the demo first if its results are missing).

@@ -56,6 +56,9 @@ def _replace(cfg, **values):
 @click.option("--sr-cond-noise", type=click.FloatRange(0.0, 2.0), metavar="S",
               help="Conditioning-augmentation level added to the generated LR before super-resolution "
                    "[default: the SR checkpoint's sample.cond_noise].")
+@click.option("--sr-sigma-max-ratio", type=click.FloatRange(0.0, min_open=True), metavar="R",
+              help="Start the SR sampler at noise level σ_max = R · σ_data [default: the SR checkpoint's "
+                   "sample.sigma_max_ratio].")
 @click.option("--window", type=click.IntRange(8, 4096), nargs=3, metavar="X Y Z",
               help="SR window size [default: the SR checkpoint's, i.e. its training patch].")
 @click.option("--overlap", type=click.FloatRange(0.0, 0.9), metavar="F", help="SR window overlap [default: 0.25].")
@@ -73,8 +76,8 @@ def _replace(cfg, **values):
                    "compile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, ode_space, schedule,
-         sr_cond_noise, window, overlap, window_batch, seed, batch, device, no_ema, no_previews, overwrite, compile_,
-         quiet):
+         sr_cond_noise, sr_sigma_max_ratio, window, overlap, window_batch, seed, batch, device, no_ema, no_previews,
+         overwrite, compile_, quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
@@ -91,7 +94,7 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
         both = {"solver": solver, "churn": churn, "ode_space": ode_space, "schedule": schedule}
         report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both,
                                sr_cond_noise, window, overlap, window_batch, seed, batch, device, not no_ema,
-                               not no_previews, overwrite, not quiet, compile_)
+                               not no_previews, overwrite, not quiet, compile_, sr_sigma_max_ratio)
         click.echo(f"{out}: {len(report.written)} written, {len(report.skipped)} already complete, "
                    f"{len(report.failed)} failed in {report.seconds:.1f} s")
         for key, reason in report.failed.items():
@@ -103,7 +106,8 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
 
 
 def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both: dict, cond_noise, window,
-                  overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress, compile_=False):
+                  overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress, compile_=False,
+                  sr_sigma_max_ratio=None):
     """Resolve sampler settings (checkpoint defaults + options; ``both``: settings given for both stages, None =
     the checkpoint's) and run the job."""
     import torch
@@ -116,7 +120,7 @@ def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, b
         return generate_lowres_cohort(lowres, demographics, out, seed, s_lr, batch, device, ema, previews, overwrite,
                                       progress, compile_)
     sr_cfg = load_sr_model(superres, cpu, ema=False).config
-    s_sr = _replace(sr_cfg.sample, steps=steps_sr, cond_noise=cond_noise, **both)
+    s_sr = _replace(sr_cfg.sample, steps=steps_sr, cond_noise=cond_noise, sigma_max_ratio=sr_sigma_max_ratio, **both)
     win = _replace(sr_cfg.window, size=list(window) if window else None, overlap=overlap, batch=window_batch)
     return generate_cascade_cohort(lowres, superres, demographics, out, seed, s_lr, s_sr, win, batch, device, ema,
                                    previews, overwrite, progress, compile_)

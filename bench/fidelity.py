@@ -104,9 +104,9 @@ def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Pa
     return load_config(low, LowresConfig, origin=str(lowres_yaml)), load_config(sr, SRConfig, origin=str(superres_yaml))
 
 
-def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None):
+def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None, sr_sigma_max_ratio: float | None = None):
     """The two stages' recorded sampler settings, with ``SOLVER:N`` overrides (churn 0 for the deterministic
-    multistep solver)."""
+    multistep solver) and the SR stage's starting noise level σ_max / σ_data."""
     import dataclasses
 
     from libs.generate import read_stage_file, resolve_checkpoint
@@ -122,6 +122,8 @@ def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None):
             except ValueError as exc:
                 raise click.BadParameter(f"{spec!r}: {exc}", param_hint=name) from None
         out.append(sample)
+    if sr_sigma_max_ratio is not None:
+        out[1] = dataclasses.replace(out[1], sigma_max_ratio=sr_sigma_max_ratio)
     return tuple(out)
 
 
@@ -407,11 +409,13 @@ def _timed(times: dict, name: str, fn):
 @click.option("--sampler-lowres", default=None, metavar="SOLVER:N",
               help="Generate with this low-res solver and step count (heun, euler, dpmpp_2m) [the trained stage's].")
 @click.option("--sampler-sr", default=None, metavar="SOLVER:N", help="The same for the super-resolution stage.")
+@click.option("--sr-sigma-max-ratio", default=None, type=click.FloatRange(0.0, min_open=True), metavar="R",
+              help="Start the super-resolution sampler at σ_max = R · σ_data [the trained stage's].")
 @click.option("--device", default="auto", metavar="DEV")
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
 def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, seed, heldout_seed,
-         gen_seed, runs_from, sampler_lowres, sampler_sr, device, batch, quiet):
+         gen_seed, runs_from, sampler_lowres, sampler_sr, sr_sigma_max_ratio, device, batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suffix = "_flow" if objective == "flow" else ""
@@ -431,7 +435,7 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
         _timed(times, "train superres", lambda: train_superres(sr_cfg, device=device, progress=not quiet))
     stages = ((stage_source(runs, "lowres"), stage_source(runs, "superres")) if runs_from else
               (low_cfg.run_dir, sr_cfg.run_dir))
-    s_lr, s_sr = samplers(*stages, sampler_lowres, sampler_sr)
+    s_lr, s_sr = samplers(*stages, sampler_lowres, sampler_sr, sr_sigma_max_ratio)
     report = _timed(times, "generate", lambda: generate_cascade_cohort(
         *stages, paths["heldout"] / "demographics.csv", out / "generated", seed=gen_seed, sample_lowres_cfg=s_lr,
         sample_sr_cfg=s_sr, batch=batch, device=device, previews=False, progress=not quiet))

@@ -444,6 +444,46 @@ def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, em
     return Path(out)
 
 
+def set_sampler_defaults(weights: str | os.PathLike, preset: str | os.PathLike, out: str | os.PathLike,
+                         made_by: str) -> Path:
+    """Copy exported weights (:func:`export_stage_safetensors`) to ``out`` with the ``sample:`` section of their
+    recorded config — the sampler that generation uses unless told otherwise — replaced by ``preset``'s.
+
+    The tensors are copied unchanged: the sampler is an inference setting, so a better one measured later does not
+    need a retrained network. Provenance keeps the earlier sampler and names ``preset`` and ``made_by``; a file that
+    already records this sampler is left as it is when ``out`` is the file itself. Refuses a
+    preset of the other stage, or one whose network or diffusion differ from the weights'."""
+    import safetensors.torch
+
+    from .checkpoint import CheckpointError, load_safetensors_weights
+    from .config import ConfigError, to_dict
+    from .files import atomic_path
+    from .superres import SRConfig
+    tensors, meta = load_safetensors_weights(weights)
+    stage = meta.get("stage")
+    if meta.get("format") != "totalgen-unet" or stage not in ("lowres", "superres"):
+        raise CheckpointError(f"{weights}: not a TotalGen exported stage (1_Trainings/export_safetensors.py)")
+    cls = SRConfig if stage == "superres" else LowresConfig
+    try:
+        new = load_config(preset, cls)
+    except ConfigError as exc:
+        raise ConfigError(f"{preset}: not a {stage} preset like {weights}'s ({exc})") from None
+    recorded = load_config(meta["config"], cls)
+    for key in ("model", "diffusion"):
+        if to_dict(getattr(new, key)) != to_dict(getattr(recorded, key)):
+            raise ConfigError(f"{preset}: its '{key}' differs from the one {weights} was trained with")
+    previous = meta["config"].get("sample")
+    if to_dict(recorded.sample) == to_dict(new.sample) and Path(out).resolve() == Path(weights).resolve():
+        return Path(out)                                  # already this sampler: the file stays as it is
+    meta["config"] = {**meta["config"], "sample": to_dict(new.sample)}
+    meta["provenance"] = {**meta.get("provenance", {}), "sampler_from": str(preset), "sampler_set_by": made_by,
+                          "sampler_before": previous}
+    with atomic_path(out) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                    metadata={k: json.dumps(v) for k, v in meta.items()})
+    return Path(out)
+
+
 def load_init_weights(path: str | os.PathLike, stage: str, net: torch.nn.Module) -> dict:
     """Load an exported stage (:func:`export_stage_safetensors`) into ``net``; returns its normalization record.
 

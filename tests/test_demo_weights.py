@@ -11,8 +11,8 @@ import yaml
 
 from libs.channels import ChannelSet
 from libs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_safetensors_weights
-from libs.config import load_config, to_dict
-from libs.generate import export_stage_safetensors, load_init_weights, stage_channels
+from libs.config import ConfigError, load_config, to_dict
+from libs.generate import export_stage_safetensors, load_init_weights, set_sampler_defaults, stage_channels
 from libs.lowres import LowresConfig, train_lowres
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
 from libs.superres import SRConfig, load_pairing, sr_cond_channels, train_superres
@@ -147,3 +147,47 @@ def test_generation_from_exported_weights_equals_the_training_runs(tmp_path):
         read_stage_file(weights / "lowres.safetensors", "superres")
     with pytest.raises(FileNotFoundError, match="neither a superres/ run folder"):
         stage_source(tmp_path / "runs", "superres")
+
+
+def test_a_measured_sampler_is_recorded_in_exported_weights_without_touching_the_tensors(tmp_path):
+    """export_safetensors.py --sample-from (how the committed weights got a sampler measured after training): the
+    new default sampler reaches the loaded model, the tensors stay bit for bit, the earlier sampler stays in the
+    provenance; a preset of the other stage or of another network is refused, and so is a plain re-export."""
+    import subprocess
+    import sys
+
+    from libs.cascade import load_sr_model
+
+    source = WEIGHTS / "superres.safetensors"
+    preset = yaml.safe_load((CONFIGS / "superres_bench.yaml").read_text())
+    preset["sample"].update(steps=7, sigma_max_ratio=33.0)
+    (tmp_path / "sr.yaml").write_text(yaml.safe_dump(preset))
+    other = json.loads(json.dumps(preset))
+    other["model"]["model_channels"] = 24
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(other))
+
+    def export(*args):
+        return subprocess.run([sys.executable, str(ROOT / "1_Trainings" / "export_safetensors.py"), *args],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    out = tmp_path / "superres.safetensors"
+    res = export("--checkpoint", str(source), "--sample-from", str(tmp_path / "sr.yaml"), "--out", str(out),
+                 "--made-by", "test")
+    assert res.returncode == 0, res.stderr
+    before, old = load_safetensors_weights(source)
+    after, new = load_safetensors_weights(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {k: v for k, v in new.items() if k not in ("config", "provenance")} == \
+        {k: v for k, v in old.items() if k not in ("config", "provenance")}
+    sample = load_sr_model(out, torch.device("cpu"), ema=False).config.sample
+    assert (sample.steps, sample.sigma_max_ratio, sample.solver) == (7, 33.0, preset["sample"]["solver"])
+    assert new["provenance"]["sampler_before"] == old["config"]["sample"]
+    assert new["provenance"]["made_by"] == old["provenance"]["made_by"]
+    assert new["provenance"]["sampler_set_by"] == "test"
+    for bad, message in ((CONFIGS / "lowres_bench.yaml", "not a superres preset"),
+                         (tmp_path / "other.yaml", "'model' differs")):
+        with pytest.raises(ConfigError, match=message):
+            set_sampler_defaults(source, bad, tmp_path / "x.safetensors", "test")
+    res = export("--checkpoint", str(source), "--out", str(tmp_path / "x.safetensors"))
+    assert res.returncode == 2 and "--sample-from" in res.stderr, res.stderr
+    assert not (tmp_path / "x.safetensors").exists()

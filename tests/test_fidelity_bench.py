@@ -62,7 +62,7 @@ def test_fidelity_bench_trains_compares_and_reevaluates_trained_stages(tmp_path)
     again = tmp_path / "again"
     res = _bench("--out", str(again), "--subjects", "12", "--lowres-config", str(low), "--superres-config", str(sr),
                  "--runs-from", str(out / "runs"), "--heldout-seed", "7", "--sampler-sr", "dpmpp_2m:2",
-                 "--gen-seed", "3")
+                 "--gen-seed", "3", "--sr-sigma-max-ratio", "7")
     assert res.returncode == 0, res.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ckpt-*.pt")} == ckpts, "no training"
     assert not (again / "train").exists() and not (again / "runs").exists()
@@ -72,7 +72,8 @@ def test_fidelity_bench_trains_compares_and_reevaluates_trained_stages(tmp_path)
     first = _ids_and_heights(again / "heldout")[0][0]
     sidecar = json.loads((again / "generated" / "meta" / f"{first}.json").read_text())
     assert sidecar["seed"] == subject_seed(3, first) != subject_seed(7, first), "--gen-seed seeds the sampling"
-    assert "SR dpmpp_2m 2 steps (churn 0)" in text, text[:800]
+    assert "SR dpmpp_2m 2 steps (churn 0) from σ 7·σ_data" in text, text[:800]
+    assert sidecar["sampler_superres"]["sigma_max_ratio"] == 7.0, "--sr-sigma-max-ratio reaches the sampler"
 
     # exported weights (as committed in Resource/demo_weights) evaluate like the run folders they came from
     from libs.generate import export_stage_safetensors

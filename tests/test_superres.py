@@ -242,7 +242,7 @@ def test_cascade_cli_end_to_end_resume_and_bad_row(setup, tmp_path):
                    "c,1.90,98,M,70\nd,1.70,70,F,66\n")
     out = tmp_path / "gen"
     args = ["--lowres", str(setup / "runs" / "low"), "--superres", str(setup / "runs" / "sr"), "--demographics",
-            str(csv), "--out", str(out), "--quiet", "--device", "cpu", "--batch", "2"]
+            str(csv), "--out", str(out), "--quiet", "--device", "cpu", "--batch", "2", "--sr-sigma-max-ratio", "9"]
     res = _run("2_Tests/infer.py", *args)
     assert res.returncode == 1 and "line 3" in res.stderr and "sex" in res.stderr, res.stderr
     assert "3 written" in res.stdout, res.stdout
@@ -256,6 +256,7 @@ def test_cascade_cli_end_to_end_resume_and_bad_row(setup, tmp_path):
         meta = json.loads(cohort.path("meta", sid).read_text())
         assert {"lowres", "superres"} <= set(meta["checkpoints"]) and meta["seed_superres"] != meta["seed"]
         assert meta["sampler_superres"]["cond_noise"] == 0.0, "the inference augmentation level is recorded"
+        assert meta["sampler_superres"]["sigma_max"] == pytest.approx(9 * 0.5), "--sr-sigma-max-ratio is used"
         assert "lr_labels" not in meta["sampler_superres"], "a CT + PET model's subjects do not depend on it"
     ct_c = cohort.path("ct", "c")
     ct_c.write_bytes(ct_c.read_bytes()[:100])
