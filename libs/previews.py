@@ -40,14 +40,27 @@ def draw_outlines(ax, labels_slice: np.ndarray, aspect: float) -> None:
     ax.set_aspect(aspect)
 
 
+def body_centre_y(ct_hu: np.ndarray) -> int:
+    """Index of the coronal slice through the body's front-to-back centre: the middle of the y extent of the
+    largest connected component of CT > −500 HU (a stray voxel in the air around a generated body does not move
+    it); the volume's middle when nothing is above −500 HU."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(ct_hu > -500)
+    if n == 0:
+        return ct_hu.shape[1] // 2
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    ys = np.flatnonzero((labels == int(np.argmax(sizes))).any(axis=(0, 2)))
+    return int((ys[0] + ys[-1]) // 2)
+
+
 def preview_sheet(path: str | os.PathLike, demo: Demographics, ct_hu: np.ndarray, suv: np.ndarray,
                   spacing_mm: tuple[float, float, float], suv_max: float = 10.0,
                   labels: np.ndarray | None = None) -> Path:
     """Coronal CT slice (through the body's AP centre) + coronal PET MIP, demographics in the title; with
     ``labels`` (TotalSegmentator ids, CT grid) the organ outlines of that slice are drawn over the CT."""
-    body = ct_hu > -500
-    ys = np.nonzero(body.any(axis=(0, 2)))[0]
-    y_mid = int((ys[0] + ys[-1]) // 2) if ys.size else ct_hu.shape[1] // 2
+    y_mid = body_centre_y(ct_hu)
     aspect = spacing_mm[2] / spacing_mm[0]
     fig = Figure(figsize=(6.4, 5.2), dpi=110)
     axes = fig.subplots(1, 2)

@@ -169,3 +169,18 @@ def test_generated_background_noise_becomes_air_but_lungs_stay():
     assert np.mean(out[outside] == -1000) > 0.99, "air at the window floor plus noise must become background"
     assert np.all(out[lung] == -500), "enclosed air (lungs) stays in the window"
     assert abs(int(body_mask(out).sum()) - 32 * 22 * 10) <= 0.005 * 32 * 22 * 10, "specks touching the skin only"
+
+
+def test_preview_slice_is_the_body_centre_whatever_stray_voxels_lie_in_the_air():
+    """Preview sheets (per subject and the comparison's grid) cut the body's front-to-back centre; a generated
+    speck of tissue in the air behind the body must not move the slice (it used to: 15–55 instead of 15–41)."""
+    from libs.previews import body_centre_y
+
+    ct = np.full((32, 60, 48), -1000.0, dtype=np.float32)
+    ct[5:25, 10:31, 5:40] = 0.0
+    ct[12:16, 14:18, 20:30] = -800.0           # a lung inside the body: still the body's extent
+    assert body_centre_y(ct) == 20
+    ct[2, 55, 2] = 100.0                       # stray voxel far behind the body
+    ct[30, 1, 46] = 40.0                       # and one in front of it
+    assert body_centre_y(ct) == 20
+    assert body_centre_y(np.full((8, 10, 6), -1000.0)) == 5

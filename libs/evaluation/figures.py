@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from ..cohort import Cohort  # noqa: E402
 from ..demographics import Demographics  # noqa: E402
 from ..files import atomic_path  # noqa: E402
-from ..previews import coronal, draw_outlines  # noqa: E402
+from ..previews import body_centre_y, coronal, draw_outlines  # noqa: E402
 from ..volumes import VolumeError  # noqa: E402
 
 MEASURE_LABELS = {
@@ -122,8 +122,7 @@ def pick_subjects(records: list[Demographics], k: int) -> list[Demographics]:
 def _draw_subject(ax_ct, ax_pet, cohort: Cohort, demo: Demographics, suv_max: float) -> None:
     subject = cohort.load(demo, labels=True)
     ct, suv, sp = subject.ct.array, subject.suv.array, subject.ct.spacing
-    ys = np.flatnonzero((ct > -500).any(axis=(0, 2)))
-    y_mid = int((ys[0] + ys[-1]) // 2) if ys.size else ct.shape[1] // 2
+    y_mid = body_centre_y(ct)
     aspect = sp[2] / sp[0]
     ax_ct.imshow(coronal(ct[:, y_mid, :]), cmap="gray", vmin=-500, vmax=500, aspect=aspect, interpolation="nearest")
     ax_pet.imshow(coronal(suv.max(axis=1)), cmap="gray_r", vmin=0, vmax=suv_max, aspect=aspect,
