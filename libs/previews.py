@@ -42,17 +42,12 @@ def draw_outlines(ax, labels_slice: np.ndarray, aspect: float) -> None:
 
 def body_centre_y(ct_hu: np.ndarray) -> int:
     """Index of the coronal slice through the body's front-to-back centre: the middle of the y extent of the
-    largest connected component of CT > −500 HU (a stray voxel in the air around a generated body does not move
-    it); the volume's middle when nothing is above −500 HU."""
-    from scipy import ndimage
+    evaluation's body mask (the largest connected region above −500 HU, so a stray voxel in the air around a
+    generated body does not move it); the volume's middle when there is no body."""
+    from .evaluation.body import body_mask
 
-    labels, n = ndimage.label(ct_hu > -500)
-    if n == 0:
-        return ct_hu.shape[1] // 2
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    ys = np.flatnonzero((labels == int(np.argmax(sizes))).any(axis=(0, 2)))
-    return int((ys[0] + ys[-1]) // 2)
+    ys = np.flatnonzero(body_mask(ct_hu).any(axis=(0, 2)))
+    return int((ys[0] + ys[-1]) // 2) if ys.size else ct_hu.shape[1] // 2
 
 
 def preview_sheet(path: str | os.PathLike, demo: Demographics, ct_hu: np.ndarray, suv: np.ndarray,
