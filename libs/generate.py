@@ -425,9 +425,7 @@ def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, em
     safetensors, with the stage, resolved config, normalization constants, step, source sha256 and
     ``provenance`` (e.g. the command that trained it) as JSON metadata — loadable with
     ``safetensors.torch.load_file`` and ``UNet.load_state_dict``, and as a fine-tune start (``loop.init_from``)."""
-    import safetensors.torch
 
-    from .files import atomic_path
     from .superres import SRConfig
     path = resolve_checkpoint(ckpt)
     raw = load_checkpoint(path)
@@ -438,9 +436,17 @@ def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, em
             "step": int(raw["step"]), "ema_sigma_rel": cfg.loop.ema_sigma_rels[0] if ema else None,
             "config": raw["config"], "normalization": raw["normalization"], "versions": raw["versions"],
             "source_checkpoint": path.name, "source_sha256": sha256_file(path), "provenance": provenance or {}}
-    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    return _write_stage_safetensors(out, net.state_dict(), meta)
+
+
+def _write_stage_safetensors(out: str | os.PathLike, tensors: dict, meta: dict) -> Path:
+    """Atomically write ``tensors`` with ``meta`` (each value JSON-encoded) as safetensors."""
+    import safetensors.torch
+
+    from .files import atomic_path
     with atomic_path(out) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                    metadata={k: json.dumps(v) for k, v in meta.items()})
     return Path(out)
 
 
@@ -453,11 +459,8 @@ def set_sampler_defaults(weights: str | os.PathLike, preset: str | os.PathLike, 
     need a retrained network. Provenance keeps the earlier sampler and names ``preset`` and ``made_by``; a file that
     already records this sampler is left as it is when ``out`` is the file itself. Refuses a
     preset of the other stage, or one whose network or diffusion differ from the weights'."""
-    import safetensors.torch
-
     from .checkpoint import CheckpointError, load_safetensors_weights
     from .config import ConfigError, to_dict
-    from .files import atomic_path
     from .superres import SRConfig
     tensors, meta = load_safetensors_weights(weights)
     stage = meta.get("stage")
@@ -478,10 +481,7 @@ def set_sampler_defaults(weights: str | os.PathLike, preset: str | os.PathLike, 
     meta["config"] = {**meta["config"], "sample": to_dict(new.sample)}
     meta["provenance"] = {**meta.get("provenance", {}), "sampler_from": str(preset), "sampler_set_by": made_by,
                           "sampler_before": previous}
-    with atomic_path(out) as tmp:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                    metadata={k: json.dumps(v) for k, v in meta.items()})
-    return Path(out)
+    return _write_stage_safetensors(out, tensors, meta)
 
 
 def load_init_weights(path: str | os.PathLike, stage: str, net: torch.nn.Module) -> dict:
