@@ -59,6 +59,11 @@ def _replace(cfg, **values):
 @click.option("--sr-sigma-max-ratio", type=click.FloatRange(0.0, min_open=True), metavar="R",
               help="Start the SR sampler at noise level σ_max = R · σ_data [default: the SR checkpoint's "
                    "sample.sigma_max_ratio].")
+@click.option("--lr-guidance", type=click.FloatRange(0.0), metavar="W",
+              help="Classifier-free guidance weight of the low-res stage, 1 = none (needs a model trained with "
+                   "diffusion.cond_dropout) [default: the checkpoint's sample.guidance].")
+@click.option("--lr-guidance-sigma", type=click.FloatRange(0.0), nargs=2, metavar="LO HI",
+              help="Apply that guidance only while LO ≤ σ ≤ HI [default: the checkpoint's sample.guidance_sigma].")
 @click.option("--window", type=click.IntRange(8, 4096), nargs=3, metavar="X Y Z",
               help="SR window size [default: the SR checkpoint's, i.e. its training patch].")
 @click.option("--overlap", type=click.FloatRange(0.0, 0.9), metavar="F", help="SR window overlap [default: 0.25].")
@@ -76,8 +81,8 @@ def _replace(cfg, **values):
                    "compile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, ode_space, schedule,
-         sr_cond_noise, sr_sigma_max_ratio, window, overlap, window_batch, seed, batch, device, no_ema, no_previews,
-         overwrite, compile_, quiet):
+         sr_cond_noise, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma, window, overlap, window_batch, seed, batch,
+         device, no_ema, no_previews, overwrite, compile_, quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
@@ -94,7 +99,8 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
         both = {"solver": solver, "churn": churn, "ode_space": ode_space, "schedule": schedule}
         report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both,
                                sr_cond_noise, window, overlap, window_batch, seed, batch, device, not no_ema,
-                               not no_previews, overwrite, not quiet, compile_, sr_sigma_max_ratio)
+                               not no_previews, overwrite, not quiet, compile_, sr_sigma_max_ratio,
+                               {"guidance": lr_guidance, "guidance_sigma": list(lr_guidance_sigma or []) or None})
         click.echo(f"{out}: {len(report.written)} written, {len(report.skipped)} already complete, "
                    f"{len(report.failed)} failed in {report.seconds:.1f} s")
         for key, reason in report.failed.items():
@@ -107,15 +113,16 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
 
 def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both: dict, cond_noise, window,
                   overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress, compile_=False,
-                  sr_sigma_max_ratio=None):
-    """Resolve sampler settings (checkpoint defaults + options; ``both``: settings given for both stages, None =
-    the checkpoint's) and run the job."""
+                  sr_sigma_max_ratio=None, lowres_only: dict | None = None):
+    """Resolve sampler settings (checkpoint defaults + options; ``both``: settings given for both stages,
+    ``lowres_only``: for the low-res stage alone, None = the checkpoint's) and run the job."""
     import torch
 
     from libs.cascade import generate_cascade_cohort, load_sr_model
     from libs.generate import generate_lowres_cohort, load_lowres_model
     cpu = torch.device("cpu")
-    s_lr = _replace(load_lowres_model(lowres, cpu, ema=False).config.sample, steps=steps_lowres, **both)
+    s_lr = _replace(load_lowres_model(lowres, cpu, ema=False).config.sample, steps=steps_lowres, **both,
+                    **(lowres_only or {}))
     if not superres:
         return generate_lowres_cohort(lowres, demographics, out, seed, s_lr, batch, device, ema, previews, overwrite,
                                       progress, compile_)

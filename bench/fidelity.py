@@ -104,9 +104,11 @@ def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Pa
     return load_config(low, LowresConfig, origin=str(lowres_yaml)), load_config(sr, SRConfig, origin=str(superres_yaml))
 
 
-def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None, sr_sigma_max_ratio: float | None = None):
+def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None, sr_sigma_max_ratio: float | None = None,
+             lr_guidance: float | None = None, lr_guidance_sigma: tuple[float, float] | None = None):
     """The two stages' recorded sampler settings, with ``SOLVER:N`` overrides (churn 0 for the deterministic
-    multistep solver) and the SR stage's starting noise level σ_max / σ_data."""
+    multistep solver), the SR stage's starting noise level σ_max / σ_data and the low-res stage's
+    classifier-free guidance (weight, σ interval)."""
     import dataclasses
 
     from libs.generate import read_stage_file, resolve_checkpoint
@@ -124,13 +126,24 @@ def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None, sr_
         out.append(sample)
     if sr_sigma_max_ratio is not None:
         out[1] = dataclasses.replace(out[1], sigma_max_ratio=sr_sigma_max_ratio)
+    guide = {k: v for k, v in (("guidance", lr_guidance), ("guidance_sigma", lr_guidance_sigma)) if v}
+    if guide:
+        try:
+            out[0] = dataclasses.replace(out[0], **{k: list(v) if k == "guidance_sigma" else v
+                                                    for k, v in guide.items()})
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--lr-guidance-sigma") from None
     return tuple(out)
 
 
 def describe_samplers(s_lr, s_sr) -> str:
     calls = network_calls(s_lr.solver, s_lr.steps) + network_calls(s_sr.solver, s_sr.steps)
-    return (f"low-res {s_lr.solver} {s_lr.steps} steps (churn {s_lr.churn:g}), SR {s_sr.solver} {s_sr.steps} steps "
-            f"(churn {s_sr.churn:g}) from σ {s_sr.sigma_max_ratio:g}·σ_data; {calls} network calls per subject")
+    lo, hi = s_lr.guidance_sigma
+    guide = f", guidance {s_lr.guidance:g} for σ in [{lo:g}, {hi:g}]" if s_lr.guided else ""
+    return (f"low-res {s_lr.solver} {s_lr.steps} steps (churn {s_lr.churn:g}{guide}), "
+            f"SR {s_sr.solver} {s_sr.steps} steps (churn {s_sr.churn:g}) from σ {s_sr.sigma_max_ratio:g}·σ_data; "
+            f"{calls} network calls per subject" + (" (low-res ones in the guided σ range on a doubled batch)"
+                                                    if s_lr.guided else ""))
 
 
 def comparison_cells(path: Path, region: str = "body") -> dict:
@@ -411,11 +424,17 @@ def _timed(times: dict, name: str, fn):
 @click.option("--sampler-sr", default=None, metavar="SOLVER:N", help="The same for the super-resolution stage.")
 @click.option("--sr-sigma-max-ratio", default=None, type=click.FloatRange(0.0, min_open=True), metavar="R",
               help="Start the super-resolution sampler at σ_max = R · σ_data [the trained stage's].")
+@click.option("--lr-guidance", default=None, type=click.FloatRange(0.0), metavar="W",
+              help="Low-res classifier-free guidance weight (1 = none; needs diffusion.cond_dropout) [the trained "
+                   "stage's].")
+@click.option("--lr-guidance-sigma", default=None, type=click.FloatRange(0.0), nargs=2, metavar="LO HI",
+              help="Guide only while LO ≤ σ ≤ HI [the trained stage's].")
 @click.option("--device", default="auto", metavar="DEV")
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
 def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, seed, heldout_seed,
-         gen_seed, runs_from, sampler_lowres, sampler_sr, sr_sigma_max_ratio, device, batch, quiet):
+         gen_seed, runs_from, sampler_lowres, sampler_sr, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma, device,
+         batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suffix = "_flow" if objective == "flow" else ""
@@ -435,7 +454,7 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
         _timed(times, "train superres", lambda: train_superres(sr_cfg, device=device, progress=not quiet))
     stages = ((stage_source(runs, "lowres"), stage_source(runs, "superres")) if runs_from else
               (low_cfg.run_dir, sr_cfg.run_dir))
-    s_lr, s_sr = samplers(*stages, sampler_lowres, sampler_sr, sr_sigma_max_ratio)
+    s_lr, s_sr = samplers(*stages, sampler_lowres, sampler_sr, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma)
     report = _timed(times, "generate", lambda: generate_cascade_cohort(
         *stages, paths["heldout"] / "demographics.csv", out / "generated", seed=gen_seed, sample_lowres_cfg=s_lr,
         sample_sr_cfg=s_sr, batch=batch, device=device, previews=False, progress=not quiet))

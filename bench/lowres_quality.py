@@ -45,7 +45,7 @@ from libs.demographics import Demographics, encode_many  # noqa: E402
 from libs.evaluation.body import body_mask  # noqa: E402
 from libs.generate import load_lowres_model, pick_device, restore_background, sample_lowres, subject_seed  # noqa: E402
 from libs.intensity import unit_to_ct, unit_to_suv  # noqa: E402
-from libs.lowres import expand_cond  # noqa: E402
+from libs.lowres import demographic_input, expand_cond  # noqa: E402
 from libs.phantom.writer import write_phantom_cohort  # noqa: E402
 
 SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -90,13 +90,13 @@ def girth_cm2(ct_unit: np.ndarray, voxel_mm: float) -> float:
     return float((unit_to_ct(ct_unit) > -200.0).sum(axis=(0, 1)).mean() * voxel_mm**2 / 100.0)
 
 
-def weight_sweep(model, n: int, seed: int, dev: torch.device) -> dict:
+def weight_sweep(model, n: int, seed: int, dev: torch.device, sample) -> dict:
     cfg = model.config
     records = [Demographics(f"sweep_{k:03d}", 1.75, float(w), "MF"[k % 2], 50.0)
                for k, w in enumerate(np.linspace(50.0, 100.0, n))]
     weights = np.array([d.weight_kg for d in records])
     voxel = cfg.in_plane_mm * cfg.data.factor
-    samples = sample_lowres(model, records, [subject_seed(seed, d.subject_id) for d in records], cfg.sample, dev)
+    samples = sample_lowres(model, records, [subject_seed(seed, d.subject_id) for d in records], sample, dev)
     generated = np.array([girth_cm2(s[0].cpu().numpy(), voxel) for s in samples])
     grid = tuple(cfg.data.grid)
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,12 +123,16 @@ def _pct(v: float | None) -> str:
 @click.option("--subjects", default=8, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--steps", default=None, type=click.IntRange(1, 1000), help="Sampler steps [the checkpoint's].")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--guidance", default=None, type=click.FloatRange(0.0),
+              help="Classifier-free guidance weight of the samples [the checkpoint's sample.guidance].")
+@click.option("--guidance-sigma", default=None, type=click.FloatRange(0.0), nargs=2, metavar="LO HI",
+              help="Guide only while LO ≤ σ ≤ HI [the checkpoint's].")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-ema", is_flag=True, help="Raw weights instead of the EMA.")
 @click.option("--weight-sweep", "sweep", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="Also the girth-vs-weight check on this many subjects (0: skip).")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the numbers as JSON.")
-def main(lowres, cohort, subjects, steps, seed, device, no_ema, sweep, json_out):
+def main(lowres, cohort, subjects, steps, seed, guidance, guidance_sigma, device, no_ema, sweep, json_out):
     dev = pick_device(device)
     model = load_lowres_model(lowres, dev, ema=not no_ema)
     cfg = model.config
@@ -137,7 +141,9 @@ def main(lowres, cohort, subjects, steps, seed, device, no_ema, sweep, json_out)
     grid = tuple(cfg.data.grid)
     u = torch.stack([polyphase(normalized_volume(co, d, grid), cfg.data.factor, (0, 0, 0)) for d in records])
     x0 = model.standardize.to_net(u).to(dev)
-    cond = expand_cond(torch.from_numpy(encode_many(records)), x0.shape[2:]).to(dev)
+    # the conditioning the network was trained on (z-scored demographics, "given" channel: libs.lowres)
+    cond = expand_cond(demographic_input(torch.from_numpy(encode_many(records)), model.normalization),
+                       x0.shape[2:]).to(dev)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     result = {"checkpoint": str(model.path), "step": model.step, "cohort": str(cohort), "subjects": len(records),
@@ -153,12 +159,14 @@ def main(lowres, cohort, subjects, steps, seed, device, no_ema, sweep, json_out)
             result["denoising_rmse"][str(s)] = rmse
             click.echo(f"  {s:5.2f}   {rmse:13.4f}   {s:16.4f}")
 
-    sample = cfg.sample if steps is None else dataclasses.replace(cfg.sample, steps=steps)
+    changes = {"steps": steps, "guidance": guidance, "guidance_sigma": list(guidance_sigma) if guidance_sigma else None}
+    sample = dataclasses.replace(cfg.sample, **{k: v for k, v in changes.items() if v is not None})
     seeds = [subject_seed(seed, d.subject_id) for d in records]
     samples = sample_lowres(model, records, seeds, sample, dev)
     rough_gen = [roughness_hu(unit_to_ct(s[0].cpu().numpy())) for s in samples]
     rough_ref = [roughness_hu(unit_to_ct(v[0].numpy())) for v in u]
-    result.update(sample_steps=sample.steps, roughness_generated_hu=float(np.mean(rough_gen)),
+    result.update(sample_steps=sample.steps, guidance=sample.guidance, guidance_sigma=sample.guidance_sigma,
+                  roughness_generated_hu=float(np.mean(rough_gen)),
                   roughness_reference_hu=float(np.mean(rough_ref)))
     click.echo(f"  CT roughness (HU, {sample.steps}-step samples): generated {np.mean(rough_gen):.1f}, "
                f"held-out {np.mean(rough_ref):.1f}")
@@ -169,7 +177,7 @@ def main(lowres, cohort, subjects, steps, seed, device, no_ema, sweep, json_out)
                    f"generated ({_pct(d['lung_voxels'])}); rim voxels (-400 to -200 HU) {h['rim_voxels']:.0f}, "
                    f"{g['rim_voxels']:.0f}; body SUV {h['body_suv']:.3f}, {g['body_suv']:.3f} ({_pct(d['body_suv'])})")
     if sweep:
-        result["weight_sweep"] = weight_sweep(model, sweep, seed, dev)
+        result["weight_sweep"] = weight_sweep(model, sweep, seed, dev, sample)
         for name, r in result["weight_sweep"].items():
             click.echo(f"  girth vs weight ({sweep} subjects, 50–100 kg), {name}: r = {r['pearson_r']:.3f}, "
                        f"slope {r['slope_cm2_per_kg']:.2f} cm²/kg, {r['girth_cm2_at_50kg_100kg'][0]:.0f} → "

@@ -40,9 +40,9 @@ from .diffusion import make_denoiser
 from .ema import PowerFunctionEMA
 from .files import atomic_write_text
 from .intensity import CT_BACKGROUND_HU, unit_to_ct, unit_to_suv
-from .lowres import LowresConfig, SampleConfig, Standardize, expand_cond, standardize_demographics
+from .lowres import LowresConfig, SampleConfig, Standardize, demographic_input, expand_cond, lowres_cond_channels
 from .manifest import ManifestError, claim, fingerprint
-from .samplers import initial_noise, per_sample_generators
+from .samplers import guided, initial_noise, per_sample_generators
 from .volumes import centered_affine
 
 
@@ -110,7 +110,8 @@ def stage_channels(stage: str, norm: dict) -> tuple[int, int]:
     """(input channels, conditioning channels) of a stage's network, from its checkpoint's normalization record."""
     from .superres import sr_cond_channels
     channels = ChannelSet.from_record(norm)
-    return channels.count, (sr_cond_channels(channels, bool(norm.get("lr_anchors"))) if stage == "superres" else 4)
+    return channels.count, (sr_cond_channels(channels, bool(norm.get("lr_anchors"))) if stage == "superres"
+                            else lowres_cond_channels(norm))
 
 
 def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.device, ema: bool,
@@ -176,14 +177,18 @@ def sample_lowres(model: Model, records: list[Demographics], seeds: list[int], s
     """Low-resolution samples (B, C, X, Y, Z) in [0, 1] for ``records`` (the model's channel set: CT, PET and
     any one-hot label channels)."""
     shape = model.config.sample_shape
-    cond = expand_cond(standardize_demographics(torch.from_numpy(encode_many(records)), model.normalization), shape)
-    cond = cond.to(device)
+    demo = torch.from_numpy(encode_many(records))
+    cond = expand_cond(demographic_input(demo, model.normalization), shape).to(device)
+    denoiser = model.denoiser
+    if sample.guided:        # the model's "no demographics" input for classifier-free guidance
+        none = expand_cond(demographic_input(demo, model.normalization, given=False), shape).to(device)
+        denoiser = guided(model.denoiser, none, sample.guidance, sample.guidance_sigma)
     sigmas = sample.sigmas(sample.sigma_max, device=device)
     x = initial_noise((model.channels.count, *shape), seeds, sample.sigma_max, device=device)
     gens = per_sample_generators(seeds, stream=1, device=device) if sample.churn > 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     with autocast:
-        x = sample.solve(model.denoiser, x, sigmas, cond, model.objective, gens, progress)
+        x = sample.solve(denoiser, x, sigmas, cond, model.objective, gens, progress)
     return model.standardize.from_net(x.float()).clamp(0.0, 1.0)
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .channels import DEFAULT_LABEL_GROUPS, ChannelSet, check_same_channels
@@ -93,9 +94,15 @@ class DiffusionConfig:
     # loss weight of all organ-label channels together, relative to one image channel (CT, PET: 1 each); a plain
     # mean over channels would give the K + 1 one-hot channels K + 1 votes against the images' two
     label_weight: float = 1.0
+    # Classifier-free guidance (Ho & Salimans 2022): the fraction of training samples whose demographics are
+    # replaced by a learned "none" (zeros plus a fifth channel that is 1 when the demographics are given, 0 when
+    # not), so that one network is both the conditional and the unconditional model; sample.guidance then
+    # extrapolates from the second to the first.  0 = the paper's always-conditioned model (four channels).
+    cond_dropout: float = 0.0
 
     def __post_init__(self):
         check_range("sigma_data", self.sigma_data, low=0.0, low_inclusive=False)
+        check_range("cond_dropout", self.cond_dropout, low=0.0, high=1.0, high_inclusive=False)
         check_objective(self)
 
 
@@ -141,6 +148,21 @@ class SampleConfig(SamplerSettings):
     """Low-resolution sampler: the Karras schedule from ``sigma_max`` (EDM: 80) down to ``sigma_min``."""
 
     sigma_max: float = 80.0
+    # Classifier-free guidance weight w: D = D_none + w · (D_demographics − D_none) (1 = no guidance, the only
+    # value for a model trained without diffusion.cond_dropout), applied while guidance_sigma[0] ≤ σ ≤
+    # guidance_sigma[1] (guidance in a limited interval, Kynkäänniemi et al. 2024; elsewhere w = 1).
+    guidance: float = 1.0
+    guidance_sigma: list[float] = field(default_factory=lambda: [0.0, 1e9])
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("guidance", self.guidance, low=0.0)
+        if len(self.guidance_sigma) != 2 or not 0.0 <= self.guidance_sigma[0] <= self.guidance_sigma[1]:
+            raise ValueError(f"guidance_sigma must be [low, high] with 0 <= low <= high, got {self.guidance_sigma}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance != 1.0
 
 
 @dataclass
@@ -244,10 +266,35 @@ def standardize_demographics(cond: torch.Tensor, norm: dict) -> torch.Tensor:
     return (cond - mean) / std
 
 
+NONE_CHANNEL_KEY = "cond_none_channel"   # normalization record: the network takes the fifth, "given" channel
+
+
+def lowres_cond_channels(norm: dict) -> int:
+    """Conditioning channels of a low-res network: the four demographics, plus the "given" channel of a model
+    trained with classifier-free condition dropout (its record says so; older records: four)."""
+    return 5 if norm.get(NONE_CHANNEL_KEY) else 4
+
+
+def demographic_input(cond: torch.Tensor, norm: dict, given: torch.Tensor | bool = True) -> torch.Tensor:
+    """Encoded demographics (B, 4) → the network's conditioning vector (B, 4 or 5): standardized as in
+    training (:func:`standardize_demographics`) and, for a network with the "given" channel, zeroed where
+    ``given`` (bool, or (B,) bool) is False and followed by that channel (1 given, 0 none)."""
+    cond = standardize_demographics(cond, norm)
+    if lowres_cond_channels(norm) == 4:
+        if given is not True:
+            raise ValueError("this low-res model was trained without diffusion.cond_dropout: it has no "
+                             "unconditional mode, so classifier-free guidance (sample.guidance ≠ 1) cannot be used")
+        return cond
+    g = torch.as_tensor(given, dtype=cond.dtype, device=cond.device).reshape(-1, 1).expand(len(cond), 1)
+    return torch.cat([cond * g, g], dim=1)
+
+
 def normalization(cfg: LowresConfig, mean=None, std=None, cond_scaling: dict | None = None) -> dict:
     """Constants a checkpoint needs to turn samples back into HU and SUV on a true grid (and, with
     ``cond_scaling``, to feed the demographics as the network was trained)."""
-    return {**(cond_scaling or {}), "objective": cfg.diffusion.objective, "channel_mean": mean, "channel_std": std,
+    none = {NONE_CHANNEL_KEY: True} if cfg.diffusion.cond_dropout > 0 else {}
+    return {**(cond_scaling or {}), **none, "objective": cfg.diffusion.objective,
+            "channel_mean": mean, "channel_std": std,
             "ct_range_hu": [CT_MIN_HU, CT_MAX_HU], "suv_max": SUV_MAX, "pet_map": "log2(suv+1)/log2(26)",
             **cfg.data.channel_set.record(),
             "demographics": ["height_m-1", "(weight_kg-30)/100", "sex(M=1)", "age/100"],
@@ -273,6 +320,23 @@ def init_demographic_scaling(init: dict, standardize: bool, source) -> dict:
     return scaling
 
 
+def init_none_channel(init: dict, cond_dropout: float, source) -> None:
+    """A fine-tune keeps the conditioning channels of its initial weights: condition dropout on iff it was."""
+    had = bool(init.get(NONE_CHANNEL_KEY))
+    if had != (cond_dropout > 0):
+        want = "> 0 (e.g. the value they were trained with)" if had else "0"
+        raise ConfigError(f"{source}: these weights were trained {'with' if had else 'without'} classifier-free "
+                          f"condition dropout; set diffusion.cond_dropout {want} to fine-tune them")
+
+
+def dropout_mask(batch: int, p: float, seed: int, step: int, rank: int) -> torch.Tensor:
+    """(batch,) bool, True = demographics given: each False with probability ``p``, a function of
+    (seed, step, rank) only, so a resumed run drops the same samples."""
+    state = np.random.SeedSequence([int(seed), int(step), int(rank), 0xCFD]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(state))
+    return torch.rand(batch, generator=gen) >= p
+
+
 def expand_cond(cond: torch.Tensor, shape) -> torch.Tensor:
     """Demographics (B, 4) → constant channels (B, 4, X, Y, Z)."""
     return cond[:, :, None, None, None].expand(-1, -1, *shape).contiguous()
@@ -286,8 +350,10 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
     samples = PolyphaseSamples(volumes, cfg.data.factor)
     shape = samples.shape
     torch.manual_seed(cfg.loop.seed)                     # the same initial weights on every rank and rerun
-    net = cfg.model.build(in_channels=channels.count, cond_channels=4)
-    net.check_input(torch.zeros(1, channels.count, *shape), torch.zeros(1), torch.zeros(1, 4, *shape))
+    d = cfg.diffusion
+    n_cond = 5 if d.cond_dropout > 0 else 4
+    net = cfg.model.build(in_channels=channels.count, cond_channels=n_cond)
+    net.check_input(torch.zeros(1, channels.count, *shape), torch.zeros(1), torch.zeros(1, n_cond, *shape))
     seed = cfg.loop.seed
     mean, std = channels.full_stats(*channel_stats(volumes))
     scaling = demographic_scaling(volumes.cond) if cfg.model.standardize_demographics else {}
@@ -298,6 +364,7 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
         check_same_objective(init, cfg.diffusion.objective, cfg.loop.init_from)
         mean, std = init["channel_mean"], init["channel_std"]      # keep the constants the weights know
         scaling = init_demographic_scaling(init, cfg.model.standardize_demographics, cfg.loop.init_from)
+        init_none_channel(init, d.cond_dropout, cfg.loop.init_from)
         if progress and not has_checkpoint(cfg.run_dir):
             print(f"low-res: starting from {cfg.loop.init_from} (its normalization constants)")
     standardize = Standardize(mean, std, cfg.diffusion.sigma_data)
@@ -306,9 +373,9 @@ def train_lowres(cfg: LowresConfig, device: str = "auto", progress: bool = True)
     def batch(step: int, rank: int, world: int):
         idx = batch_indices(step, cfg.optim.batch // world, rank, world, len(samples), seed)
         u, cond = samples.batch(idx)
-        return standardize.to_net(u), expand_cond(standardize_demographics(cond, norm), shape)
+        given = dropout_mask(len(idx), d.cond_dropout, seed, step, rank) if d.cond_dropout > 0 else True
+        return standardize.to_net(u), expand_cond(demographic_input(cond, norm, given), shape)
 
-    d = cfg.diffusion
     loss = make_loss(d.objective, d.P_mean, d.P_std, d.sigma_data, d.time_distribution,
                      channels.loss_weights(d.label_weight))
     trainer = Trainer(net, loss, batch, cfg.optim, cfg.loop, cfg.run_dir, to_dict(cfg), norm,

@@ -200,6 +200,24 @@ def sample_dpmpp_2m(denoiser, x: torch.Tensor, sigmas: torch.Tensor, cond: torch
     return y
 
 
+def guided(denoiser, cond_none: torch.Tensor, weight: float, sigma_range=(0.0, float("inf"))):
+    """Classifier-free guidance (Ho & Salimans 2022) around ``denoiser``: the returned denoiser gives
+    D_none + w · (D_cond − D_none), D_none from ``cond_none`` (the model's "no condition" input, same shape as
+    the solver's cond), while sigma_range[0] ≤ σ ≤ sigma_range[1] (Kynkäänniemi et al. 2024: guidance only in
+    an interval), and D_cond alone elsewhere.  Both evaluations share one network call (batch doubled)."""
+    lo, hi = sigma_range
+
+    def denoise(x, sigma, cond):
+        s = float(sigma.reshape(-1)[0])
+        if weight == 1.0 or not lo <= s <= hi:
+            return denoiser(x, sigma, cond)
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, cond_none.to(cond)])).float()
+        d_cond, d_none = both.chunk(2)
+        return d_none + weight * (d_cond - d_none)
+
+    return denoise
+
+
 SOLVERS = {"heun": sample_heun, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
 
 
