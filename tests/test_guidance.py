@@ -24,7 +24,7 @@ from libs.lowres import (
 )
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort
 from libs.samplers import guided
-from tests.test_lowres import TINY
+from tests.test_lowres import TINY, _run
 
 NORM_Z = {"cond_mean": [0.7, 0.4, 0.5, 0.5], "cond_std": [0.1, 0.15, 0.5, 0.2]}
 
@@ -183,6 +183,13 @@ def test_trained_model_samples_with_guidance_and_records_it(cohort, tmp_path):
     generate_lowres_cohort(ckpt, csv, tmp_path / "gen", 0, sample, 1, "cpu", True, False, False, False)
     meta = json.loads(Cohort(tmp_path / "gen").path("meta", "s1").read_text())
     assert meta["sampler"]["guidance"] == 2.0 and meta["sampler"]["guidance_sigma"] == [0.5, 10.0]
+
+    res = _run("2_Tests/infer.py", "--lowres", str(ckpt), "--demographics", str(csv), "--out", str(tmp_path / "cli"),
+               "--lr-guidance", "1.5", "--lr-guidance-sigma", "0.2", "3", "--quiet", "--no-previews")
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads(Cohort(tmp_path / "cli").path("meta", "s1").read_text())
+    assert meta["sampler"]["guidance"] == 1.5 and meta["sampler"]["guidance_sigma"] == [0.2, 3.0], \
+        "the command-line guidance reaches the sampler and the record"
 
 
 def test_guidance_on_a_model_without_dropout_is_refused(cohort, tmp_path):
