@@ -90,9 +90,9 @@ def make_cohorts(out: Path, n_train: int, n_test: int, seed: int, heldout_seed: 
 
 
 def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Path,
-                  steps: int | None) -> tuple[LowresConfig, SRConfig]:
+                  steps: int | None, minutes: float | None = None) -> tuple[LowresConfig, SRConfig]:
     """The two presets pointed at this benchmark's cohort and run folders ``runs/{lowres,superres}``
-    (``steps`` overrides both stages)."""
+    (``steps`` overrides both stages; ``minutes`` is each stage's wall-clock budget, loop.max_minutes)."""
     low = to_dict(load_config(lowres_yaml, LowresConfig))
     sr = to_dict(load_config(superres_yaml, SRConfig))
     low["run_dir"], low["data"]["cohort"] = str(runs / "lowres"), str(cohort)
@@ -101,7 +101,17 @@ def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Pa
     for cfg in (low, sr):
         if steps:
             cfg["loop"]["steps"] = steps
+        if minutes:
+            cfg["loop"]["max_minutes"] = minutes
     return load_config(low, LowresConfig, origin=str(lowres_yaml)), load_config(sr, SRConfig, origin=str(superres_yaml))
+
+
+def trained_steps(source, stage: str, planned: int) -> str:
+    """The training steps a stage's checkpoint (or exported weights) records, with the planned count when short
+    of it (a run stopped by its time budget)."""
+    from libs.generate import read_stage_file, resolve_checkpoint
+    step = read_stage_file(resolve_checkpoint(source), stage).get("step")
+    return str(planned) if step in (None, planned) else f"{step} (of {planned})"
 
 
 def samplers(lowres, superres, lowres_spec: str | None, sr_spec: str | None, sr_sigma_max_ratio: float | None = None,
@@ -408,6 +418,10 @@ def _timed(times: dict, name: str, fn):
               help="Super-res preset [1_Trainings/configs/superres_bench(_flow).yaml].")
 @click.option("--steps", default=None, type=click.IntRange(1), metavar="N",
               help="Training steps of each stage [the presets'].")
+@click.option("--train-minutes", default=None, type=click.FloatRange(0.0, min_open=True), metavar="M",
+              help="Wall-clock budget of each stage's training (loop.max_minutes): it stops with a checkpoint at "
+                   "the first report past M minutes, and the benchmark generates with what it reached (the "
+                   "report gives the steps); rerun to continue towards --steps.")
 @click.option("--seed", default=0, type=click.IntRange(0), metavar="S",
               help="Seed of the training cohort and the training runs.")
 @click.option("--heldout-seed", default=None, type=click.IntRange(0), metavar="H",
@@ -432,7 +446,8 @@ def _timed(times: dict, name: str, fn):
 @click.option("--device", default="auto", metavar="DEV")
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
-def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, seed, heldout_seed,
+def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, train_minutes, seed,
+         heldout_seed,
          gen_seed, runs_from, sampler_lowres, sampler_sr, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma, device,
          batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
@@ -445,7 +460,8 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
         gen_seed = seed if heldout_seed is None else heldout_seed
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     runs = Path(runs_from) if runs_from else out / "runs"
-    low_cfg, sr_cfg = stage_configs(Path(lowres_config), Path(superres_config), runs, out / "train", steps)
+    low_cfg, sr_cfg = stage_configs(Path(lowres_config), Path(superres_config), runs, out / "train", steps,
+                                    train_minutes)
     spacing = low_cfg.in_plane_mm
     paths = _timed(times, "phantoms", lambda: make_cohorts(out, train_subjects, subjects, seed, heldout_seed,
                                                            spacing, 2, train=not runs_from))
@@ -469,7 +485,9 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
                      + (f"; trained stages from {runs}" if runs_from else ""),
             "presets": f"{Path(lowres_config).name} + {Path(superres_config).name} (objectives "
                        f"{low_cfg.diffusion.objective} + {sr_cfg.diffusion.objective})",
-            "steps": f"{low_cfg.loop.steps} + {sr_cfg.loop.steps}", "samplers": describe_samplers(s_lr, s_sr),
+            "steps": " + ".join(trained_steps(src, name, cfg.loop.steps) for src, name, cfg in
+                                ((stages[0], "lowres", low_cfg), (stages[1], "superres", sr_cfg))),
+            "samplers": describe_samplers(s_lr, s_sr),
             "times": ", ".join(f"{k} {v}" for k, v in times.items())}
     checks, _ = write_outputs(out, comp, info, paths | {"generated": out / "generated"})
     g, f = checks["generated"], checks["floor"]

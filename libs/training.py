@@ -83,10 +83,14 @@ class LoopConfig:
     loader_workers: int = 2        # background processes assembling batches (0 = in the loop)
     init_from: str | None = None   # a stage's exported .safetensors: start weights (and its normalization
                                    # constants) for a fine-tune, used only while the run folder is empty
+    max_minutes: float | None = None   # wall-clock budget of this launch: at the first report after it, save a
+                                       # checkpoint and stop (rerun to continue towards `steps`); None = none
 
     def __post_init__(self):
         for name in ("steps", "report_every", "checkpoint_every", "keep_checkpoints"):
             check_range(name, getattr(self, name), low=1)
+        if self.max_minutes is not None:
+            check_range("max_minutes", self.max_minutes, low=0.0, low_inclusive=False)
 
 
 @dataclass
@@ -301,9 +305,11 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self) -> Path | None:
-        """Train until ``loop.steps``; checkpoint on schedule and at the end; returns the last checkpoint."""
+        """Train until ``loop.steps`` (or, with ``loop.max_minutes``, until the first report past that budget:
+        ``stopped_early`` is then True); checkpoint on schedule and at the end; returns the last checkpoint."""
         loop, per_rank = self.loop, self.optim_cfg.batch // self.dist.world
-        last = None
+        last, started = None, time.perf_counter()
+        self.stopped_early = False
         bar = tqdm(total=loop.steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
         window, t0, seen = [], time.perf_counter(), 0
         for x, cond in self._batches(self.step, loop.steps, per_rank):
@@ -316,12 +322,27 @@ class Trainer:
                 self._report(mean, rate)
                 bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
                 window, t0, seen = [], time.perf_counter(), 0
-            if self.step % loop.checkpoint_every == 0 or self.step == loop.steps:
+                self.stopped_early = self.step < loop.steps and self._out_of_time(started)
+            if self.step % loop.checkpoint_every == 0 or self.step == loop.steps or self.stopped_early:
                 last = self.save() or last
+            if self.stopped_early:
+                if self.progress:
+                    tqdm.write(f"loop.max_minutes: stopped at step {self.step} of {loop.steps} after "
+                               f"{(time.perf_counter() - started) / 60:.1f} min; run again to continue")
+                break
         bar.close()
         if self.dist.world > 1:
             dist.barrier()
         return last if last is not None else latest_checkpoint(self.run_dir)
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether this launch has used ``loop.max_minutes``; every rank follows rank 0's clock."""
+        if self.loop.max_minutes is None:
+            return False
+        late = torch.tensor(float(time.perf_counter() - started > 60.0 * self.loop.max_minutes), device=self.device)
+        if self.dist.world > 1:
+            dist.broadcast(late, src=0)
+        return bool(late)
 
     def _batches(self, start: int, stop: int, per_rank: int):
         fn, rank, world = self.batch_fn, self.dist.rank, self.dist.world

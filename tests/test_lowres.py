@@ -124,6 +124,23 @@ def test_resume_gives_identical_weights(cohort_dir, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), "EMA differs after resume"
 
 
+def test_max_minutes_stops_at_a_report_with_a_checkpoint_and_a_rerun_finishes(cohort_dir, tmp_path):
+    """A launch past its wall-clock budget stops at the next report (here the first, step 2 of 6) with a
+    checkpoint, and a rerun without the budget continues to the very weights of an uninterrupted run."""
+    budget = tiny_config(cohort_dir, tmp_path / "b", steps=6, report_every=2, checkpoint_every=6, max_minutes=1e-9)
+    last = train_lowres(budget, device="cpu", progress=False)
+    assert last is not None and last.name == "ckpt-000000002.pt", last
+    assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*.pt")) == ["ckpt-000000002.pt"]
+    train_lowres(tiny_config(cohort_dir, tmp_path / "b", steps=6, report_every=2, checkpoint_every=6),
+                 device="cpu", progress=False)
+    train_lowres(tiny_config(cohort_dir, tmp_path / "a", steps=6, report_every=2, checkpoint_every=6),
+                 device="cpu", progress=False)
+    a, b = _weights(tmp_path / "a", 6), _weights(tmp_path / "b", 6)
+    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items()), "budgeted + rerun != straight run"
+    with pytest.raises(ValueError, match="max_minutes"):
+        tiny_config(cohort_dir, tmp_path / "c", max_minutes=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
