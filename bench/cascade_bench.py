@@ -469,9 +469,11 @@ def _header(env: dict, batch: int, warmup: int) -> str:
         f"parameters on {mm(map(str, env['lowres_shape']))}, SR UNet {env['sr_parameters'] / 1e6:.2f} M on the "
         f"{mm(map(str, env['grid']))} grid (×{env['factor']}); SR windows {mm(map(str, env['window']))}, overlap "
         f"{env['overlap']}: {env['windows_per_eval']} per denoiser evaluation, {env['window_batch']} per call",
-        f"- samplers: low-res {lr['solver']} σ {lr['sigma_min']}–{lr['sigma_max']}, {batch} subjects per batch "
-        f"(reported per subject); SR {sr['solver']} σ_max {sr['sigma_max_ratio']}·σ_data, one subject; "
-        f"{'bf16 autocast (the library default on CUDA)' if cuda else 'fp32'}",
+        (f"- samplers: each row's recipe (solvers, steps, SR windows and σ_max as its name gives them), low-res "
+         f"{batch} subjects per batch (reported per subject), SR one subject; " if env.get("recipes") else
+         f"- samplers: low-res {lr['solver']} σ {lr['sigma_min']}–{lr['sigma_max']}, {batch} subjects per batch "
+         f"(reported per subject); SR {sr['solver']} σ_max {sr['sigma_max_ratio']}·σ_data, one subject; ")
+        + f"{'bf16 autocast (the library default on CUDA)' if cuda else 'fp32'}",
         "- post = to_physical_hr (length from height, HU/SUV, background) of one subject; NIfTI writing excluded",
         f"- median of the timed repeats after {warmup} warm-up (1-step sampling call / training step); "
         "speedup = time of the first step pair / time",
@@ -640,6 +642,7 @@ def main(size, device, steps_lowres, steps_sr, batch, window_batch, train_batch,
     train_batch = None if skip_train else train_batch or sr_cfg.optim.batch
     torch.set_num_threads(threads)
     env = _environment(size, device, threads, window_batch)
+    env["recipes"] = list(recipes)
     click.echo(_header(env, batch, warmup))
     base = {"size": size, "device": device, "warmup": warmup, "repeats": repeats, "seed": seed, "threads": threads,
             "compile": compile_}

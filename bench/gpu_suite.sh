@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
-# The GPU measurements of the Performance section, as one prepared run on one H100/H200 (≤ 8 minutes; every
+# The GPU measurements of the Performance section, as one prepared run on one H100/H200 (≤ 8 minutes by default; every
 # part has its own time limit, so a slow part is recorded as such and the rest still runs):
 #   1. network FLOPs per subject of the standard recipes (meta tensors, seconds);
 #   2. seconds per subject at the paper size, random weights (time does not depend on them), peak memory:
-#      the bench presets' sampler (Heun 24 + Euler 10 over the 125 paper windows), eager and under torch.compile,
+#      the bench presets' sampler (Heun 24 + Euler 10 over the 125 paper windows), eager (and under torch.compile
+#      with COMPILE_SAMPLING=1),
 #      and the research code's recipe (Heun 100 + Heun 100, four 224 x 224 x 112 SR chunks) timed on 10 of its
 #      100 steps per stage (19 of 199 calls; a call costs the same at every step, so its 199-call time is
 #      extrapolated in gpu_suite.json and labelled so);
-#   3. training images/s of both stages, eager and compiled (low-res: bench/lowres_bench.py; SR: one
-#      Trainer.train_step in bench/cascade_bench.py).
+#   3. training images/s of both stages: low-res eager and compiled (bench/lowres_bench.py), SR eager (one
+#      Trainer.train_step in bench/cascade_bench.py; compiled with COMPILE_SAMPLING=1).
+# Without the project's .venv (a bare GPU image): PY=python3 PYTHONPATH=$PWD bash bench/gpu_suite.sh.
 # Writes OUT/<part>.md, OUT/<part>.json, OUT/<part>.log and the summary OUT/gpu_suite.json.
 #
 #   bash bench/gpu_suite.sh [OUT]                                 # OUT defaults to bench_out/gpu_suite
 #   DEVICE=cpu SIZE=demo LIMIT=300 bash bench/gpu_suite.sh /tmp/gpu_suite_smoke   # the script itself, on a CPU
-#   LIMIT=100 COMPILE_SAMPLING=0 bash bench/gpu_suite.sh                          # a shorter lease
+#   COMPILE_SAMPLING=1 bash bench/gpu_suite.sh                                    # + compiled sampling (~12 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_out/gpu_suite}
 PY=${PY:-.venv/bin/python}
 DEVICE=${DEVICE:-cuda}
 SIZE=${SIZE:-paper}
-LIMIT=${LIMIT:-150}          # seconds per part
-COMPILE_SAMPLING=${COMPILE_SAMPLING:-1}   # 0: skip the compiled sampling part (a lease too short for it)
+# seconds per part, sized from the first H200 run (2026-12-04): eager sampling of both recipes ~2 min; the
+# low-res training cells ~20 s eager, then torch.compile of the paper UNet's forward 46 s and its backward more
+# than 85 s. The compiled sampling part (compile of both paper networks, then 2 repeats) is off unless asked for.
+LIMIT=${LIMIT:-}                          # one limit for every part (overrides the three below)
+SAMPLE_LIMIT=${LIMIT:-${SAMPLE_LIMIT:-160}}
+TRAIN_LIMIT=${LIMIT:-${TRAIN_LIMIT:-260}}
+COMPILE_LIMIT=${LIMIT:-${COMPILE_LIMIT:-240}}
+COMPILE_SAMPLING=${COMPILE_SAMPLING:-0}   # 1: also time the new recipe under torch.compile
 mkdir -p "$OUT"
 RESEARCH="research code, 10 of 100 steps: lowres=heun:10, sr=heun:10, window=224x224x112, overlap=0.1, sigma_max=80"
 NEW="bench sampler: lowres=heun:24, sr=euler:10, window=56x56x96, overlap=0.25, sigma_max=4·σ_data"
@@ -39,14 +47,14 @@ part() {          # part NAME SECONDS COMMAND...: run with a time limit, keep it
 
 part flops 60 "$PY" bench/cascade_bench.py --flops --json-out "$OUT/flops.json"
 # eager: the new recipe, the research recipe's calls, SR training; compiled: the new recipe and SR training
-part sampling_eager "$LIMIT" "$PY" bench/cascade_bench.py --size "$SIZE" --device "$DEVICE" --allow-paper-cpu \
+part sampling_eager "$SAMPLE_LIMIT" "$PY" bench/cascade_bench.py --size "$SIZE" --device "$DEVICE" --allow-paper-cpu \
     --recipe "$NEW" --recipe "$RESEARCH" --warmup 1 --repeats 2 --json-out "$OUT/sampling_eager.json"
-[ "$COMPILE_SAMPLING" = 1 ] && part sampling_compiled "$LIMIT" "$PY" bench/cascade_bench.py --size "$SIZE" \
+[ "$COMPILE_SAMPLING" = 1 ] && part sampling_compiled "$COMPILE_LIMIT" "$PY" bench/cascade_bench.py --size "$SIZE" \
     --device "$DEVICE" --allow-paper-cpu --recipe "$NEW" --compile --warmup 1 --repeats 2 \
     --json-out "$OUT/sampling_compiled.json"
 LOWRES_SIZE=()
 [ "$SIZE" = demo ] && LOWRES_SIZE=(--tiny)
-part train_lowres "$LIMIT" "$PY" bench/lowres_bench.py --device "$DEVICE" --batch 8 --compile --warmup 2 --repeats 5 \
+part train_lowres "$TRAIN_LIMIT" "$PY" bench/lowres_bench.py --device "$DEVICE" --batch 8 --compile --warmup 2 --repeats 5 \
     "${LOWRES_SIZE[@]}" --json-out "$OUT/train_lowres.json"
 
 "$PY" - "$OUT" "${STATUS[@]}" <<'EOF'

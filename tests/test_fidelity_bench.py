@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from libs.generate import subject_seed
@@ -137,3 +138,41 @@ def test_flow_arm_and_the_side_by_side_table(tmp_path):
     assert "| volume_ml | weight_kg (per 10 kg) |" in md, "the demographic slopes of both arms"
     assert "| lowres: objective, sampler | edm, heun 3 steps in sigma | flow, heun 3 steps in flow |" in md, md
     assert "| network evaluations per subject" in md and "| body | volume_ml | sex=F |" in md
+
+
+def _fidelity_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fidelity_bench", ROOT / "bench" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_gives_the_steps_a_time_budget_left_a_stage_at():
+    """fidelity.py --train-minutes generates with what training reached; its report says so."""
+    fidelity = _fidelity_module()
+    weights = ROOT / "Resource" / "demo_weights" / "lowres.safetensors"       # recorded step 2000
+    assert fidelity.trained_steps(weights, "lowres", 2000) == "2000"
+    assert fidelity.trained_steps(weights, "lowres", 20000) == "2000 (of 20000)"
+
+
+@pytest.mark.parametrize("stage", ["lowres", "superres"])
+def test_gpu_bench_presets_change_only_network_size_batch_and_speed_settings(stage):
+    """*_bench_gpu.yaml are the bench presets (data, diffusion, sampler) with a larger network, batch and
+    schedule: a GPU run measures the same benchmark."""
+    from libs.config import load_config, to_dict
+    from libs.lowres import LowresConfig
+    from libs.superres import SRConfig
+    cls = LowresConfig if stage == "lowres" else SRConfig
+    configs = ROOT / "1_Trainings" / "configs"
+    bench = to_dict(load_config(configs / f"{stage}_bench.yaml", cls))
+    gpu = to_dict(load_config(configs / f"{stage}_bench_gpu.yaml", cls))
+    assert gpu["model"]["model_channels"] > bench["model"]["model_channels"]
+    for key in ("diffusion", "sample", "in_plane_mm"):
+        if key in bench:
+            assert gpu[key] == bench[key], key
+    for key in ("grid", "factor", "patch"):
+        assert gpu["data"].get(key) == bench["data"].get(key), key
+    if stage == "superres":
+        assert Path(gpu["lowres_config"]).name == "lowres_bench_gpu.yaml"
+        assert gpu["augment"] == bench["augment"]
