@@ -447,9 +447,8 @@ def _timed(times: dict, name: str, fn):
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
 def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, train_minutes, seed,
-         heldout_seed,
-         gen_seed, runs_from, sampler_lowres, sampler_sr, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma, device,
-         batch, quiet):
+         heldout_seed, gen_seed, runs_from, sampler_lowres, sampler_sr, sr_sigma_max_ratio, lr_guidance,
+         lr_guidance_sigma, device, batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suffix = "_flow" if objective == "flow" else ""

@@ -4,9 +4,10 @@
 #      each stage trained for half of what the budget leaves after generation and comparison (loop.max_minutes;
 #      the report gives the steps reached), held-out cohort seed 1, floor seed 2;
 #   2. the same trained stages on another held-out cohort, floor and sampling seed (11 / 12 / 11) if time is left.
-# Every part has a time limit; OUT/fidelity_gpu*.md and the logs say what was reached.
+# Every part has a time limit; OUT/fidelity.md, OUT_h11/fidelity.md and OUT/part{1,2}.log say what was reached.
+# On a bare GPU image (no .venv): PY=python3 PYTHONPATH=$PWD BUDGET=330 bash bench/gpu_fidelity.sh OUT.
 #
-#   BUDGET=300 bash bench/gpu_fidelity.sh [OUT]            # OUT defaults to bench_out/fidelity_gpu
+#   BUDGET=330 bash bench/gpu_fidelity.sh [OUT]            # OUT defaults to bench_out/fidelity_gpu
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_out/fidelity_gpu}
