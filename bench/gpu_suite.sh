@@ -54,7 +54,8 @@ part sampling_eager "$SAMPLE_LIMIT" "$PY" bench/cascade_bench.py --size "$SIZE" 
     --json-out "$OUT/sampling_compiled.json"
 LOWRES_SIZE=()
 [ "$SIZE" = demo ] && LOWRES_SIZE=(--tiny)
-part train_lowres "$TRAIN_LIMIT" "$PY" bench/lowres_bench.py --device "$DEVICE" --batch 8 --compile --warmup 2 --repeats 5 \
+part train_lowres "$TRAIN_LIMIT" "$PY" bench/lowres_bench.py --device "$DEVICE" --batch 8 --compile --cudnn-benchmark \
+    --warmup 2 --repeats 5 \
     "${LOWRES_SIZE[@]}" --json-out "$OUT/train_lowres.json"
 
 "$PY" - "$OUT" "${STATUS[@]}" <<'EOF'

@@ -356,7 +356,8 @@ def _run_all(base: dict, devices, batches, with_compile: bool) -> list[dict]:
 @click.option("--max-batch-cap", type=click.IntRange(min=1), default=1024, show_default=True, metavar="N",
               help="Stop the --find-max-batch search here.")
 @click.option("--cudnn-benchmark/--no-cudnn-benchmark", default=False, show_default=True,
-              help="torch.backends.cudnn.benchmark (off, as in libs.training).")
+              help="torch.backends.cudnn.benchmark (libs.training turns it on for CUDA runs; gpu_suite.sh "
+              "passes --cudnn-benchmark).")
 @click.option("--tiny", is_flag=True, help="Smoke-test preset: base 16 channels, mult (1, 2), 1 block, 16×16×32.")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of weights and inputs.")
 @click.option("--json-out", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
