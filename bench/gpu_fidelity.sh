@@ -5,9 +5,10 @@
 #      the report gives the steps reached), held-out cohort seed 1, floor seed 2;
 #   2. the same trained stages on another held-out cohort, floor and sampling seed (11 / 12 / 11) if time is left.
 # Every part has a time limit; OUT/fidelity.md, OUT_h11/fidelity.md and OUT/part{1,2}.log say what was reached.
-# On a bare GPU image (no .venv): PY=python3 PYTHONPATH=$PWD BUDGET=330 bash bench/gpu_fidelity.sh OUT.
+# On a bare GPU image (no .venv): PY=python3 PYTHONPATH=$PWD BUDGET=555 SECOND=75 bash bench/gpu_fidelity.sh OUT
+# (the README's run: 3.1 min per stage in a 15-minute lease; BUDGET=330 gave 1.25 min).
 #
-#   BUDGET=330 bash bench/gpu_fidelity.sh [OUT]            # OUT defaults to bench_out/fidelity_gpu
+#   BUDGET=555 bash bench/gpu_fidelity.sh [OUT]            # OUT defaults to bench_out/fidelity_gpu
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_out/fidelity_gpu}
