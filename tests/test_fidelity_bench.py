@@ -55,6 +55,7 @@ def test_fidelity_bench_trains_compares_and_reevaluates_trained_stages(tmp_path)
     assert not set(_ids_and_heights(out / "train")) & set(_ids_and_heights(out / "heldout"))
     md = (out / "fidelity.md").read_text()
     assert "seeds: training 0, held-out 1, floor 2, generation 0" in md, md[:600]
+    assert "| lung_volume_ml | height_m (per 10 cm) |" in md, "the lungs-on-height slope is reported"
 
     assert "samplers: low-res heun 3 steps" in md, md[:800]
     assert "## Organs" not in md and "organs within target" not in last, "a CT + PET model has no organ table"
