@@ -24,8 +24,9 @@ does) and super-resolved by every scheme with the same SR seed, so the schemes d
 
     .venv/bin/python bench/window_scheme.py --lowres Resource/demo_weights/lowres.safetensors \\
         --superres Resource/demo_weights/superres.safetensors \\
-        --demographics bench_out/fidelity/heldout/demographics.csv --subjects 4 \\
-        --scheme 28x28x48@0.25 --scheme 32x32x52@0.15 --scheme 56x56x96@0.25 --json-out /tmp/windows.json
+        --demographics bench_out/fidelity/heldout/demographics.csv --subjects 3 \\
+        --scheme 56x56x96@0.25 --scheme 32x32x52@0.15 --scheme 28x28x48@0.25 --denoiser-ratios 0.1,1,10 \\
+        --json-out /tmp/windows.json                # the README's table (reference: the whole volume)
 
 Scheme ``XxYxZ@OVERLAP``: window size in voxels (clipped to the volume) and the minimum overlap fraction
 (libs.windows.window_starts). The first ``--scheme`` is the reference unless ``--reference`` names another.
