@@ -64,11 +64,15 @@ class ModelConfig:
     # slope 261 -> 317 mL/kg (truth 371). Off by default (the paper's raw encoding); the bench and demo presets
     # turn it on.
     standardize_demographics: bool = False
+    # Also feed the conditioning's spatial mean (for the low-res stage: the demographic vector) through EDM2's
+    # class-label path into every block's embedding, as well as concatenating it to the input (libs/nn.py).
+    # Off by default (the paper conditions by concatenation only); older checkpoints load with it off.
+    cond_embed: bool = False
 
     def build(self, in_channels: int, cond_channels: int) -> UNet:
         return UNet(in_channels=in_channels, cond_channels=cond_channels, model_channels=self.model_channels,
                     channel_mult=self.channel_mult, num_blocks=self.num_blocks, attn_levels=self.attn_levels,
-                    dropout=self.dropout, channels_per_head=self.channels_per_head)
+                    dropout=self.dropout, channels_per_head=self.channels_per_head, cond_embed=self.cond_embed)
 
 
 def check_objective(cfg) -> None:
