@@ -350,9 +350,8 @@ def test_bf16_cpu_autocasts_training_only_on_a_cpu_with_native_bf16(cohort_dir, 
 
 
 def test_cond_embed_reaches_the_network_and_survives_the_checkpoint(cohort_dir, tmp_path):
-    """model.cond_embed: the demographics also enter every block's embedding; off (and absent from older
-    configs) by default; a trained checkpoint rebuilds the same network, whose output then depends on the
-    demographics through the embedding as well as through the concatenated channels."""
+    """model.cond_embed: the demographics also enter every block's embedding; off by default and in configs
+    that predate it; a trained checkpoint records it and rebuilds the same network (with the embedding)."""
     from libs.generate import load_stage
     assert LowresConfig().model.cond_embed is False, "the paper's conditioning (concatenation only) is the default"
     raw = json.loads(json.dumps(TINY))
@@ -364,7 +363,7 @@ def test_cond_embed_reaches_the_network_and_survives_the_checkpoint(cohort_dir, 
     _, ckpt, cfg, net = load_stage(tmp_path / "run", LowresConfig, "lowres", torch.device("cpu"), ema=True)
     assert cfg.model.cond_embed is True and ckpt["config"]["model"]["cond_embed"] is True
     assert net.emb_label is not None and any(k.startswith("emb_label") for k in ckpt["model"])
-    # the embedding path alone: the same spatial input, only the demographics' mean changed in the embedding
+    # the block embedding alone: only the mean of the demographic channels differs
     c_noise = torch.full((1,), 0.1)
     cond = torch.zeros(1, 4, 8, 8, 16)
     with torch.no_grad():
