@@ -18,6 +18,17 @@ a level s ~ U(0, ``augment.max_level``) (network units of the LR, SD 0.5) is add
 upsampled, and s / 0.5 is given to the network as a constant channel; the target stays HR − up(clean LR).
 At inference the generated LR gets a small fixed level (``sample.cond_noise``), recorded in meta.
 
+Blur augmentation (``augment.blur_max`` / ``blur_probability``; off by default and in older checkpoints; the
+64 → 256 model of Ho et al. 2022, §4.2, conditions on blurred low-res images the same way): a generated LR
+is not a polyphase sample of a body — its lung edges are grey (on the bench, a third of a man's generated
+16 mm lung voxels lie in the −400…−200 HU band that a true LR leaves nearly empty), which a network trained
+only on binary-edged true LRs keeps as grey (above the −400 HU lung threshold).  With blur augmentation a
+training draw's LR image channels (CT, PET; not one-hot labels) are blurred with a Gaussian of SD b LR voxels
+(truncated at 3 SD, computed on the LR region plus a 3b margin, nearest-value beyond the volume: the same
+numbers as blurring the whole LR), before the noise; the target is HR − up(blurred LR), since generation adds
+the residual to up(its LR) as it comes.  The network is not told b: a blurred edge must be redrawn sharp
+from what the image shows.  Inference adds no blur.
+
 LR anchors (``data.lr_anchors``, off in checkpoints that predate it): the LR is one polyphase subsample, so
 every LR voxel *is* one HR voxel — the one at f·j + offset.  Plain trilinear up() (align_corners=False) puts it
 half an HR voxel away whatever the offset, and the network is never told the offset: it cannot know which HR
@@ -32,12 +43,14 @@ the SR output's polyphase component at that offset equals the LR sample.  Traini
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .channels import ChannelSet, check_same_channels
 from .config import ConfigError, check_range, load_config, same_value, to_dict
@@ -64,6 +77,17 @@ from .training import LoopConfig, OptimConfig, Trainer, has_checkpoint
 from .windows import anchor_mask, anchored_region, anchored_upsample, lr_region, position_channels, upsample
 
 COND_CHANNELS = 2 + 4 + 3 + 1     # up(LR), demographics, position, augmentation level (CT + PET models)
+BLUR_TRUNCATE = 3.0               # blur augmentation's Gaussian, truncated at this many SDs
+
+
+def blur_image_channels(lr: torch.Tensor, sd: float, image: slice) -> torch.Tensor:
+    """(1, C, x, y, z) LR with its ``image`` channels blurred by a Gaussian of SD ``sd`` voxels (truncated at
+    BLUR_TRUNCATE SDs, nearest value beyond the edges); the other channels (one-hot labels) as they are."""
+    out = lr.clone()
+    arr = lr[0, image].numpy()
+    blurred = np.stack([ndimage.gaussian_filter(c, sd, mode="nearest", truncate=BLUR_TRUNCATE) for c in arr])
+    out[0, image] = torch.from_numpy(blurred.astype(np.float32))
+    return out
 
 
 def sr_cond_channels(channels: ChannelSet, anchors: bool = False) -> int:
@@ -111,14 +135,19 @@ class SRDiffusionConfig:
 @dataclass
 class AugmentConfig:
     """Training-time Gaussian noise on the LR conditioning: level s ~ U(0, max_level) with probability
-    ``probability`` (else s = 0), in network units of the LR (its SD is 0.5)."""
+    ``probability`` (else s = 0), in network units of the LR (its SD is 0.5); and, independently, a Gaussian
+    blur of the LR's image channels, SD b ~ U(0, blur_max) LR voxels with probability ``blur_probability``."""
 
     max_level: float = 0.2
     probability: float = 0.5
+    blur_max: float = 0.0              # Gaussian blur of the LR image channels: SD ~ U(0, blur_max) LR voxels
+    blur_probability: float = 0.0      # ... with this probability (module doc, "Blur augmentation")
 
     def __post_init__(self):
         check_range("max_level", self.max_level, low=0.0)
         check_range("probability", self.probability, low=0.0, high=1.0)
+        check_range("blur_max", self.blur_max, low=0.0)
+        check_range("blur_probability", self.blur_probability, low=0.0, high=1.0)
 
 
 @dataclass
@@ -232,8 +261,24 @@ class ResidualPatches:
         self.cond = standardize_demographics(volumes.cond, cond_scaling or {})     # (N, 4) as the network sees it
         self.lr_shape = tuple(g // pairing.factor for g in pairing.grid)
 
+    def lr_region(self, i: int, offset, lr_sl, blur: float = 0.0) -> torch.Tensor:
+        """Subject i's LR (polyphase ``offset``) on the LR slices ``lr_sl``, network units, (1, C, region); with
+        ``blur`` > 0 its image channels blurred as the whole LR would be (module doc, "Blur augmentation")."""
+        f = self.pairing.factor
+        ext = lr_sl
+        if blur > 0:
+            m = math.ceil(BLUR_TRUNCATE * blur)
+            ext = tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, n in zip(lr_sl, self.lr_shape))
+        idx = tuple(slice(o + s.start * f, o + (s.stop - 1) * f + 1, f) for o, s in zip(offset, ext))
+        lr = self.std.to_net(self.volumes.region(i, idx)[None])
+        if blur <= 0:
+            return lr
+        lr = blur_image_channels(lr, blur, self.pairing.channels.image)
+        crop = tuple(slice(s.start - e.start, s.stop - e.start) for s, e in zip(lr_sl, ext))
+        return lr[(slice(None), slice(None), *crop)].contiguous()
+
     def draw(self, rng: np.random.Generator, aug_level: float = 0.0,
-             aug_rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             aug_rng: np.random.Generator | None = None, blur: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         f, grid = self.pairing.factor, self.pairing.grid
         i = int(rng.integers(len(self.volumes)))
         offset = offset_of(int(rng.integers(f**3)), f)
@@ -248,8 +293,7 @@ class ResidualPatches:
 
             def up_fn(lr):
                 return upsample(lr, f)[(0, slice(None), *hr_sl)]
-        lr_idx = tuple(slice(o + s.start * f, o + (s.stop - 1) * f + 1, f) for o, s in zip(offset, lr_sl))
-        lr_clean = self.std.to_net(self.volumes.region(i, lr_idx)[None])               # (1, C, region)
+        lr_clean = self.lr_region(i, offset, lr_sl, blur)                                # (1, C, region)
         up_clean = up_fn(lr_clean)
         up = up_clean
         if aug_level > 0:
@@ -269,10 +313,12 @@ class ResidualPatches:
         """n draws; with ``augment``, each draw's level comes from ``aug_rng`` (U(0, max) w.p. probability)."""
         pairs = []
         for _ in range(n):
-            level = 0.0
+            level = blur = 0.0
             if augment is not None and augment.max_level > 0 and aug_rng.random() < augment.probability:
                 level = float(aug_rng.uniform(0.0, augment.max_level))
-            pairs.append(self.draw(rng, level, aug_rng))
+            if augment is not None and augment.blur_max > 0 and aug_rng.random() < augment.blur_probability:
+                blur = float(aug_rng.uniform(0.0, augment.blur_max))
+            pairs.append(self.draw(rng, level, aug_rng, blur))
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 

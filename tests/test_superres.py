@@ -468,3 +468,49 @@ def test_anchored_sr_keeps_the_lr_sample_and_old_checkpoints_stay_plain(setup, t
                                                       "data": {**raw["data"], "lr_anchors": False}}, SRConfig),
                                          device="cpu", progress=False), torch.device("cpu"))
     assert not plain.anchors and plain.normalization["cond"][-1].startswith("augmentation level")
+
+
+def test_blur_augmentation_matches_blurring_the_whole_lr_and_targets_its_upsampling(setup):
+    """A blurred draw's conditioning is up() of the whole LR blurred (image channels, Gaussian of the drawn SD)
+    and cut, its target HR − that same up(), so up + target = HR exactly as generation adds them; the patches,
+    offsets and noise draws are those of the unblurred sampler, and blur_max 0 changes nothing."""
+    from scipy import ndimage
+
+    from libs.data import offset_of, polyphase
+    from libs.superres import BLUR_TRUNCATE, AugmentConfig
+    from libs.windows import upsample
+    cfg, pairing, vols, patches = _patches(setup)
+    f, grid = pairing.factor, pairing.grid
+    for sd in (0.4, 1.3):        # 1.3: a margin of 4 LR voxels, wider than the patch's own LR margin
+        rng, ref = np.random.default_rng(8), np.random.default_rng(8)
+        for _ in range(4):
+            residual, cond = patches.draw(rng, blur=sd)
+            i = int(ref.integers(len(vols)))
+            offset = offset_of(int(ref.integers(f**3)), f)
+            start = [int(ref.integers(g - p + 1)) for g, p in zip(grid, patches.patch)]
+            hr = patches.std.to_net(vols.volumes[i][None].float())
+            lr = polyphase(hr, f, offset).clone().numpy()        # not a view of hr
+            lr[0, :2] = np.stack([ndimage.gaussian_filter(c, sd, mode="nearest", truncate=BLUR_TRUNCATE)
+                                  for c in lr[0, :2]])
+            up = upsample(torch.from_numpy(lr), f)
+            sl = (slice(None), slice(None), *(slice(s, s + p) for s, p in zip(start, patches.patch)))
+            torch.testing.assert_close(cond[:2], up[sl][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(residual + cond[:2], hr[sl][0], rtol=0, atol=1e-5)
+    # the sharp draw differs from the blurred one (the blur does something) on the same patch
+    sharp_r, sharp_c = patches.draw(np.random.default_rng(8))
+    blur_r, blur_c = patches.draw(np.random.default_rng(8), blur=1.3)
+    assert torch.equal(sharp_c[2:], blur_c[2:]), "only the up(LR) channels change"
+    assert float((sharp_c[:2] - blur_c[:2]).abs().max()) > 0.05
+    # in batches: blur drawn from the augmentation stream, after the noise level; 0 leaves the batch as before
+    clean_r, clean_c = patches.batch(np.random.default_rng(2), 6)
+    r0, c0 = patches.batch(np.random.default_rng(2), 6, AugmentConfig(max_level=0.0, blur_max=0.0,
+                                                                      blur_probability=1.0), np.random.default_rng(9))
+    assert torch.equal(r0, clean_r) and torch.equal(c0, clean_c)
+    r1, c1 = patches.batch(np.random.default_rng(2), 6, AugmentConfig(max_level=0.0, blur_max=0.8,
+                                                                      blur_probability=1.0), np.random.default_rng(9))
+    assert torch.equal(c1[:, 2:], clean_c[:, 2:])
+    changed = [float((c1[k, :2] - clean_c[k, :2]).abs().max()) for k in range(6)]
+    assert sum(d > 0.05 for d in changed) >= 3, changed      # SDs near 0 leave a patch as it was
+    torch.testing.assert_close(r1 + c1[:, :2], clean_r + clean_c[:, :2], rtol=0, atol=1e-5)   # both are HR
+    with pytest.raises(ValueError, match="blur_probability"):
+        AugmentConfig(blur_probability=1.5)
