@@ -20,9 +20,9 @@ At inference the generated LR gets a small fixed level (``sample.cond_noise``), 
 
 Blur augmentation (``augment.blur_max`` / ``blur_probability``; off by default and in older checkpoints; the
 64 → 256 model of Ho et al. 2022, §4.2, conditions on blurred low-res images the same way): a generated LR
-is not a polyphase sample of a body — its lung edges are grey (on the bench, a third of a man's generated
-16 mm lung voxels lie in the −400…−200 HU band that a true LR leaves nearly empty), which a network trained
-only on binary-edged true LRs keeps as grey (above the −400 HU lung threshold).  With blur augmentation a
+is not a polyphase sample of a body — its lung edges are grey (on the bench a generated man's 16 mm volume
+has about 350 voxels in the −400…−200 HU band beside some 1 000 lung voxels, a true LR about 45), which a
+network trained only on binary-edged true LRs may keep as grey (above the −400 HU lung threshold).  With blur augmentation a
 training draw's LR image channels (CT, PET; not one-hot labels) are blurred with a Gaussian of SD b LR voxels
 (truncated at 3 SD, computed on the LR region plus a 3b margin, nearest-value beyond the volume: the same
 numbers as blurring the whole LR), before the noise; the target is HR − up(blurred LR), since generation adds
@@ -310,7 +310,8 @@ class ResidualPatches:
 
     def batch(self, rng: np.random.Generator, n: int, augment: AugmentConfig | None = None,
               aug_rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n draws; with ``augment``, each draw's level comes from ``aug_rng`` (U(0, max) w.p. probability)."""
+        """n draws; with ``augment``, each draw's noise level (U(0, max_level) w.p. probability), then its blur SD
+        (U(0, blur_max) w.p. blur_probability, drawn only when blur_max > 0) come from ``aug_rng``."""
         pairs = []
         for _ in range(n):
             level = blur = 0.0
