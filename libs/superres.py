@@ -22,12 +22,12 @@ Blur augmentation (``augment.blur_max`` / ``blur_probability``; off by default a
 64 → 256 model of Ho et al. 2022, §4.2, conditions on blurred low-res images the same way): a generated LR
 is not a polyphase sample of a body — its lung edges are grey (on the bench a generated man's 16 mm volume
 has about 350 voxels in the −400…−200 HU band beside some 1 000 lung voxels, a true LR about 45), which a
-network trained only on binary-edged true LRs may keep as grey (above the −400 HU lung threshold).  With blur augmentation a
-training draw's LR image channels (CT, PET; not one-hot labels) are blurred with a Gaussian of SD b LR voxels
-(truncated at 3 SD, computed on the LR region plus a 3b margin, nearest-value beyond the volume: the same
-numbers as blurring the whole LR), before the noise; the target is HR − up(blurred LR), since generation adds
-the residual to up(its LR) as it comes.  The network is not told b: a blurred edge must be redrawn sharp
-from what the image shows.  Inference adds no blur.
+network trained only on binary-edged true LRs may keep as grey (above the −400 HU lung threshold).  With
+blur augmentation a training draw's LR image channels (CT, PET; not one-hot labels) are blurred with a
+Gaussian of SD b LR voxels (truncated at 3 SD, computed on the LR region plus a 3b margin, nearest-value
+beyond the volume: the same numbers as blurring the whole LR), before the noise; the target is
+HR − up(blurred LR), since generation adds the residual to up(its LR) as it comes.  The network is not told
+b: a blurred edge must be redrawn sharp from what the image shows.  Inference adds no blur.
 
 LR anchors (``data.lr_anchors``, off in checkpoints that predate it): the LR is one polyphase subsample, so
 every LR voxel *is* one HR voxel — the one at f·j + offset.  Plain trilinear up() (align_corners=False) puts it
