@@ -63,8 +63,9 @@ def main(superres, cohort, subjects, seed, device, json_out):
     result = {"superres": str(model.path), "step": model.step, "cohort": str(cohort), "seed": seed, "by_sex": {}}
     click.echo(f"{model.path} (step {model.step}): {subjects} men and {subjects} women of {cohort} "
                f"super-resolved from their true LR, ratio to the phantom")
+    everyone = co.demographics()
     for sex in ("M", "F"):
-        records = [d for d in co.demographics() if d.sex == sex][:subjects]
+        records = [d for d in everyone if d.sex == sex][:subjects]
         if not records:
             continue
         rows = [ratios(model, co, d, seed, dev) for d in records]
