@@ -33,8 +33,8 @@ from libs.superres import SRConfig  # noqa: E402
 from libs.windows import window_grid  # noqa: E402
 
 SEX = ("sex=F", "sex=M")
-NUMERIC = ("n_ref", "ref_mean", "ref_sd", "generated_mean", "generated_pct", "generated_p", "generated_se",
-           "floor_mean", "floor_pct", "floor_p", "floor_se")
+NUMERIC = ("n_ref", "ref_mean", "ref_sd", "generated_mean", "generated_sd", "generated_pct", "generated_p",
+           "generated_se", "floor_mean", "floor_sd", "floor_pct", "floor_p", "floor_se")
 
 
 def read_rows(fidelity_csv: Path) -> dict:
