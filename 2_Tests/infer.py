@@ -68,6 +68,11 @@ def _replace(cfg, **values):
               help="SR window size [default: the SR checkpoint's, i.e. its training patch].")
 @click.option("--overlap", type=click.FloatRange(0.0, 0.9), metavar="F", help="SR window overlap [default: 0.25].")
 @click.option("--window-batch", type=click.IntRange(1, 4096), metavar="N", help="SR windows per forward pass.")
+@click.option("--labels", "labels", type=click.Path(), metavar="CKPT",
+              help="Label stage (1_Trainings/train_labels.py: run folder, checkpoint or labels.safetensors) that "
+                   "writes labels/<id>.nii.gz for every generated subject; with --model_dir, one found there is "
+                   "used unless --no-labels.")
+@click.option("--no-labels", is_flag=True, help="With --model_dir: do not use a label stage found there.")
 @click.option("--seed", default=0, type=click.IntRange(0, 2**31 - 1), metavar="S",
               help="Job seed; each subject's seeds derive from it and the subject id.")
 @click.option("--batch", default=4, type=click.IntRange(1, 1024), metavar="N", help="Subjects per low-res batch.")
@@ -81,17 +86,20 @@ def _replace(cfg, **values):
                    "compile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr, solver, churn, ode_space, schedule,
-         sr_cond_noise, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma, window, overlap, window_batch, seed, batch,
-         device, no_ema, no_previews, overwrite, compile_, quiet):
+         sr_cond_noise, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma, window, overlap, window_batch, labels,
+         no_labels, seed, batch, device, no_ema, no_previews, overwrite, compile_, quiet):
     """Sample synthetic subjects (CT in HU, PET in SUV, true NIfTI geometry) from demographics."""
 
     def job():
-        nonlocal lowres, superres
+        nonlocal lowres, superres, labels
         if model_dir:
             if lowres or superres:
                 raise click.UsageError("give either --model_dir or --lowres/--superres, not both")
-            from libs.generate import find_stage_checkpoints
+            from libs.generate import find_label_stage, find_stage_checkpoints
             lowres, superres, messages = find_stage_checkpoints(model_dir)
+            if superres and not labels and not no_labels and (found := find_label_stage(model_dir)) is not None:
+                labels = found
+                messages.append(f"label stage: {found} (--no-labels to generate CT + PET only)")
             for line in messages:
                 click.echo(line, err=True)
         elif not lowres:
@@ -100,7 +108,8 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
         report = run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both,
                                sr_cond_noise, window, overlap, window_batch, seed, batch, device, not no_ema,
                                not no_previews, overwrite, not quiet, compile_, sr_sigma_max_ratio,
-                               {"guidance": lr_guidance, "guidance_sigma": list(lr_guidance_sigma or []) or None})
+                               {"guidance": lr_guidance, "guidance_sigma": list(lr_guidance_sigma or []) or None},
+                               labels)
         click.echo(f"{out}: {len(report.written)} written, {len(report.skipped)} already complete, "
                    f"{len(report.failed)} failed in {report.seconds:.1f} s")
         for key, reason in report.failed.items():
@@ -113,7 +122,7 @@ def main(lowres, superres, model_dir, demographics, out, steps_lowres, steps_sr,
 
 def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, both: dict, cond_noise, window,
                   overlap, window_batch, seed, batch, device, ema, previews, overwrite, progress, compile_=False,
-                  sr_sigma_max_ratio=None, lowres_only: dict | None = None):
+                  sr_sigma_max_ratio=None, lowres_only: dict | None = None, labels=None):
     """Resolve sampler settings (checkpoint defaults + options; ``both``: settings given for both stages,
     ``lowres_only``: for the low-res stage alone, None = the checkpoint's) and run the job."""
     import torch
@@ -124,13 +133,16 @@ def run_inference(lowres, superres, demographics, out, steps_lowres, steps_sr, b
     s_lr = _replace(load_lowres_model(lowres, cpu, ema=False).config.sample, steps=steps_lowres, **both,
                     **(lowres_only or {}))
     if not superres:
+        if labels:
+            raise click.UsageError("--labels needs the whole cascade (--superres): the label stage labels the "
+                                   "full-resolution CT + PET")
         return generate_lowres_cohort(lowres, demographics, out, seed, s_lr, batch, device, ema, previews, overwrite,
                                       progress, compile_)
     sr_cfg = load_sr_model(superres, cpu, ema=False).config
     s_sr = _replace(sr_cfg.sample, steps=steps_sr, cond_noise=cond_noise, sigma_max_ratio=sr_sigma_max_ratio, **both)
     win = _replace(sr_cfg.window, size=list(window) if window else None, overlap=overlap, batch=window_batch)
     return generate_cascade_cohort(lowres, superres, demographics, out, seed, s_lr, s_sr, win, batch, device, ema,
-                                   previews, overwrite, progress, compile_)
+                                   previews, overwrite, progress, compile_, labels)
 
 
 if __name__ == "__main__":

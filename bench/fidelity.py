@@ -54,6 +54,7 @@ from libs.evaluation.measures import region_mask  # noqa: E402
 from libs.evaluation.report import run_comparison  # noqa: E402
 from libs.evaluation.tables import read_csv  # noqa: E402
 from libs.generate import stage_source  # noqa: E402
+from libs.labelstage import LabelConfig, train_labels  # noqa: E402
 from libs.lowres import LowresConfig, train_lowres  # noqa: E402
 from libs.phantom.writer import sampled_demographics, write_phantom_cohort  # noqa: E402
 from libs.samplers import network_calls  # noqa: E402
@@ -106,6 +107,26 @@ def stage_configs(lowres_yaml: Path, superres_yaml: Path, runs: Path, cohort: Pa
         if minutes:
             cfg["loop"]["max_minutes"] = minutes
     return load_config(low, LowresConfig, origin=str(lowres_yaml)), load_config(sr, SRConfig, origin=str(superres_yaml))
+
+
+def label_config(yaml_path: Path, runs: Path, cohort: Path, low: LowresConfig) -> LabelConfig:
+    """The label-stage preset pointed at this benchmark's cohort and ``runs/labels``; its grid must be the
+    cascade's."""
+    cfg = to_dict(load_config(yaml_path, LabelConfig))
+    cfg["run_dir"], cfg["data"]["cohort"] = str(runs / "labels"), str(cohort)
+    out = load_config(cfg, LabelConfig, origin=str(yaml_path))
+    if list(out.data.grid) != list(low.data.grid) or out.in_plane_mm != low.in_plane_mm:
+        raise click.UsageError(f"{yaml_path}: grid {out.data.grid} at {out.in_plane_mm} mm differs from the cascade's "
+                               f"{low.data.grid} at {low.in_plane_mm} mm")
+    return out
+
+
+def _optional_source(runs: Path, stage: str):
+    """``stage_source`` of a stage that a runs folder may lack (None then)."""
+    try:
+        return stage_source(runs, stage)
+    except FileNotFoundError:
+        return None
 
 
 def trained_steps(source, stage: str, planned: int) -> str:
@@ -445,15 +466,23 @@ def _timed(times: dict, name: str, fn):
                    "stage's].")
 @click.option("--lr-guidance-sigma", default=None, type=click.FloatRange(0.0), nargs=2, metavar="LO HI",
               help="Guide only while LO ≤ σ ≤ HI [the trained stage's].")
+@click.option("--labels-config", default=None, type=click.Path(dir_okay=False),
+              help="Label-stage preset [1_Trainings/configs/labels_bench.yaml with the default image presets; "
+                   "none with others]: trained on the same phantoms (with --runs-from: DIR/labels or "
+                   "DIR/labels.safetensors, if there), it labels every generated subject, and the report gains the "
+                   "organ table.")
+@click.option("--no-labels", is_flag=True, help="No label stage: CT + PET only (no organ table unless the cascade "
+                                                 "generates labels itself).")
 @click.option("--device", default="auto", metavar="DEV")
 @click.option("--batch", default=8, type=click.IntRange(1), metavar="N", help="Subjects per low-res sampling batch.")
 @click.option("--quiet", is_flag=True)
 def main(out, train_subjects, subjects, objective, lowres_config, superres_config, steps, train_minutes, seed,
          heldout_seed, gen_seed, runs_from, sampler_lowres, sampler_sr, sr_sigma_max_ratio, lr_guidance,
-         lr_guidance_sigma, device, batch, quiet):
+         lr_guidance_sigma, labels_config, no_labels, device, batch, quiet):
     """Train the cascade on phantoms, generate a held-out cohort's demographics, compare with the noise floor."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suffix = "_flow" if objective == "flow" else ""
+    default_presets = lowres_config is None
     lowres_config = lowres_config or str(CONFIGS / f"lowres_bench{suffix}.yaml")
     superres_config = superres_config or str(CONFIGS / f"superres_bench{suffix}.yaml")
     out, times = Path(out), {}
@@ -466,15 +495,28 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
     spacing = low_cfg.in_plane_mm
     paths = _timed(times, "phantoms", lambda: make_cohorts(out, train_subjects, subjects, seed, heldout_seed,
                                                            spacing, 2, train=not runs_from))
+    if labels_config and (no_labels or low_cfg.data.channel_set.has_labels):
+        raise click.UsageError("--labels-config: not with --no-labels, nor for a cascade that generates label "
+                               "channels itself (data.labels in its low-res preset)")
+    # the label stage: the given preset; by default labels_bench.yaml, for the default (bench) image presets only
+    # (another preset may have another grid) and not where the cascade generates label channels itself
+    lab_yaml = labels_config or (CONFIGS / "labels_bench.yaml" if default_presets and not no_labels
+                                 and not low_cfg.data.channel_set.has_labels else None)
+    lab_cfg = label_config(Path(lab_yaml), runs, out / "train", low_cfg) if lab_yaml else None
     if not runs_from:
         _timed(times, "train lowres", lambda: train_lowres(low_cfg, device=device, progress=not quiet))
         _timed(times, "train superres", lambda: train_superres(sr_cfg, device=device, progress=not quiet))
+        if lab_cfg is not None:
+            _timed(times, "train labels", lambda: train_labels(lab_cfg, device=device, progress=not quiet))
     stages = ((stage_source(runs, "lowres"), stage_source(runs, "superres")) if runs_from else
               (low_cfg.run_dir, sr_cfg.run_dir))
+    label_stage = None
+    if lab_cfg is not None:
+        label_stage = lab_cfg.run_dir if not runs_from else _optional_source(runs, "labels")
     s_lr, s_sr = samplers(*stages, sampler_lowres, sampler_sr, sr_sigma_max_ratio, lr_guidance, lr_guidance_sigma)
     report = _timed(times, "generate", lambda: generate_cascade_cohort(
         *stages, paths["heldout"] / "demographics.csv", out / "generated", seed=gen_seed, sample_lowres_cfg=s_lr,
-        sample_sr_cfg=s_sr, batch=batch, device=device, previews=False, progress=not quiet))
+        sample_sr_cfg=s_sr, batch=batch, device=device, previews=False, progress=not quiet, labels=label_stage))
     if report.failed:
         raise SystemExit(f"generation failed for {len(report.failed)} subjects: {next(iter(report.failed.values()))}")
     comp = out / "comparison"
@@ -487,7 +529,9 @@ def main(out, train_subjects, subjects, objective, lowres_config, superres_confi
             "presets": f"{Path(lowres_config).name} + {Path(superres_config).name} (objectives "
                        f"{low_cfg.diffusion.objective} + {sr_cfg.diffusion.objective})",
             "steps": " + ".join(trained_steps(src, name, cfg.loop.steps) for src, name, cfg in
-                                ((stages[0], "lowres", low_cfg), (stages[1], "superres", sr_cfg))),
+                                ((stages[0], "lowres", low_cfg), (stages[1], "superres", sr_cfg)))
+                     + (f"; label stage {trained_steps(label_stage, 'labels', lab_cfg.loop.steps)}"
+                        if label_stage is not None else ""),
             "samplers": describe_samplers(s_lr, s_sr),
             "times": ", ".join(f"{k} {v}" for k, v in times.items())}
     checks, _ = write_outputs(out, comp, info, paths | {"generated": out / "generated"})

@@ -202,13 +202,19 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
                             sample_lowres_cfg: SampleConfig | None = None, sample_sr_cfg: SRSampleConfig | None = None,
                             window: WindowConfig | None = None, batch: int = 4, device: str = "auto",
                             ema: bool = True, previews: bool = True, overwrite: bool = False,
-                            progress: bool = True, compile: bool = False):
+                            progress: bool = True, compile: bool = False, labels: str | os.PathLike | None = None):
     """The whole cascade for every row of ``demographics_csv`` into the cohort directory ``out`` (``compile``:
-    both networks under ``torch.compile``)."""
+    both networks under ``torch.compile``; ``labels``: a label stage, :mod:`libs.labelstage`, that labels every
+    generated subject from its CT + PET)."""
     dev = pick_device(device)
     lr_model = load_lowres_model(lowres, dev, ema=ema, compile=compile)
     sr_model = load_sr_model(superres, dev, ema=ema, compile=compile)
     check_pairing(lr_model.normalization, sr_model.normalization)
+    label_model = None
+    if labels is not None:
+        from .labelstage import check_label_pairing, load_label_model
+        label_model = load_label_model(labels, dev, ema=ema)
+        check_label_pairing(label_model, sr_model.normalization, sr_model.channels.has_labels)
     s_lr = sample_lowres_cfg or lr_model.config.sample
     s_sr = sample_sr_cfg or sr_model.config.sample
     win = window or sr_model.config.window
@@ -220,9 +226,12 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
             try:
                 sr_seed = subject_seed(seed, d.subject_id, stage=1)
                 hr = sample_sr(sr_model, lr_u, d, sr_seed, s_sr, win, dev)
-                ct, suv, affine, labels = to_physical_hr(hr, d, sr_model)
+                ct, suv, affine, lab = to_physical_hr(hr, d, sr_model)
                 meta = _cascade_meta(d, s, sr_seed, s_lr, s_sr, win, lr_model, sr_model)
-                yield d, (ct, suv, affine, meta, labels)
+                if label_model is not None:
+                    lab = label_model.predict(ct, suv, d)
+                    meta["labels"] = label_model.meta()
+                yield d, (ct, suv, affine, meta, lab)
             except Exception as exc:  # noqa: BLE001 - this subject fails alone
                 yield d, exc
 
@@ -230,10 +239,11 @@ def generate_cascade_cohort(lowres: str | os.PathLike, superres: str | os.PathLi
         return {"stage": "cascade", "demographics": asdict(d), "seed": subject_seed(seed, d.subject_id),
                 "seed_superres": subject_seed(seed, d.subject_id, stage=1), "sampler": asdict(s_lr),
                 "sampler_superres": sr_settings(s_sr, sr_model), "window": asdict(win), "lowres": lr_model.sha256,
-                "superres": sr_model.sha256, "ema": ema}
+                "superres": sr_model.sha256, "ema": ema,
+                **({"labels": label_model.sha256} if label_model is not None else {})}
 
     return run_job(demographics_csv, out, batch, overwrite, previews, progress, produce, provenance,
-                   labels=sr_model.channels.has_labels, overlap_writes=dev.type == "cuda")
+                   labels=sr_model.channels.has_labels or label_model is not None, overlap_writes=dev.type == "cuda")
 
 
 def sr_settings(s_sr: SRSampleConfig, model: SRModel) -> dict:

@@ -434,9 +434,14 @@ def export_stage_safetensors(ckpt: str | os.PathLike, out: str | os.PathLike, em
     from .superres import SRConfig
     path = resolve_checkpoint(ckpt)
     raw = load_checkpoint(path)
-    stage = "superres" if "lowres_config" in raw["config"] else "lowres"
-    cls = SRConfig if stage == "superres" else LowresConfig
-    _, _, cfg, net = load_stage(path, cls, stage, torch.device("cpu"), ema)
+    if "segment" in raw["config"]:                       # a label stage (libs/labelstage.py)
+        from .labelstage import STAGE, load_label_model
+        stage, loaded = STAGE, load_label_model(path, "cpu", ema)
+        cfg, net = loaded.config, loaded.net
+    else:
+        stage = "superres" if "lowres_config" in raw["config"] else "lowres"
+        cls = SRConfig if stage == "superres" else LowresConfig
+        _, _, cfg, net = load_stage(path, cls, stage, torch.device("cpu"), ema)
     meta = {"format": "totalgen-unet", "stage": stage, "weights": "ema" if ema else "model",
             "step": int(raw["step"]), "ema_sigma_rel": cfg.loop.ema_sigma_rels[0] if ema else None,
             "config": raw["config"], "normalization": raw["normalization"], "versions": raw["versions"],
@@ -528,6 +533,8 @@ def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | N
             continue
         cfg_file = run / "config.yaml"
         cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else load_checkpoint(ckpt)["config"]
+        if "segment" in (cfg or {}):
+            continue                                     # a label stage (find_label_stage)
         found["superres" if "lowres_config" in (cfg or {}) else "lowres"].append(ckpt)
     for weights in sorted(root.rglob("*.safetensors")):
         meta = safetensors_metadata(weights)
@@ -543,3 +550,23 @@ def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | N
     msgs.append(f"super-res checkpoint: {pick['superres']}" if pick["superres"] else
                 f"no super-resolution checkpoint under {root}: running the low-res stage only")
     return pick["lowres"], pick["superres"], msgs
+
+
+def find_label_stage(model_dir: str | os.PathLike) -> Path | None:
+    """The newest label stage under ``model_dir`` (a run folder whose config has a ``segment`` section, or exported
+    ``labels`` weights), training checkpoints first; None when there is none."""
+    import yaml
+    root = Path(model_dir)
+    runs = []
+    for run in sorted({p.parent for p in root.rglob("ckpt-*.pt")}):
+        ckpt = latest_checkpoint(run)
+        cfg_file = run / "config.yaml"
+        if ckpt is None:
+            continue
+        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else load_checkpoint(ckpt)["config"]
+        if "segment" in (cfg or {}):
+            runs.append(ckpt)
+    if not runs:
+        runs = [w for w in sorted(root.rglob("*.safetensors"))
+                if (m := safetensors_metadata(w)).get("format") == "totalgen-unet" and m.get("stage") == "labels"]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None

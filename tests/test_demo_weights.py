@@ -191,3 +191,26 @@ def test_a_measured_sampler_is_recorded_in_exported_weights_without_touching_the
     res = export("--checkpoint", str(source), "--out", str(tmp_path / "x.safetensors"))
     assert res.returncode == 2 and "--sample-from" in res.stderr, res.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_demo_label_stage_is_the_bench_preset_and_loads():
+    """Resource/demo_weights/labels.safetensors: small, made by a project command from labels_bench.yaml (paths
+    aside), and labels_demo.yaml fine-tunes that very network on the same grid and label set."""
+    from libs.labelstage import LabelConfig, load_label_model
+    path = WEIGHTS / "labels.safetensors"
+    assert path.stat().st_size <= 10 * 2**20, f"{path}: {path.stat().st_size} bytes (limit 10 MB)"
+    _, meta = load_safetensors_weights(path)
+    assert meta["stage"] == "labels" and meta["weights"] == "ema"
+    assert meta["provenance"]["made_by"] in ("make demo-weights", "make demo-weights-labels")
+    recorded = to_dict(load_config(meta["config"], LabelConfig))
+    bench = to_dict(load_config(CONFIGS / "labels_bench.yaml", LabelConfig))
+    assert _without_paths(recorded) == _without_paths(bench), "re-run `make demo-weights-labels` after changing it"
+    demo = to_dict(load_config(CONFIGS / "labels_demo.yaml", LabelConfig))
+    for key in ("in_plane_mm", "model", "segment"):
+        assert demo[key] == recorded[key], f"labels_demo.yaml '{key}' differs from the demo weights'"
+    for key in ("grid", "patch", "labels"):
+        assert demo["data"][key] == recorded["data"][key], key
+    assert Path(demo["loop"]["init_from"]).name == path.name
+    model = load_label_model(path)
+    assert model.channels == load_config(CONFIGS / "labels_demo.yaml", LabelConfig).data.channel_set
+    assert model.grid == (56, 56, 96)

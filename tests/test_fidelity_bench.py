@@ -112,6 +112,38 @@ def test_fidelity_bench_with_label_channels_reports_the_organ_table(tmp_path):
     assert "## Label sources" in comparison and "generated 12" in comparison and "provided 12" in comparison
 
 
+def test_fidelity_bench_with_the_label_stage(tmp_path):
+    """--labels-config: the label stage trains beside the CT + PET cascade and labels every generated subject; with
+    --runs-from its run is reused (no training); --no-labels leaves the cohort unlabelled."""
+    from tests.test_label_stage import LABELS
+    low, sr = _presets(tmp_path)
+    lab = json.loads(json.dumps(LABELS))
+    lab["loop"].update(steps=10, checkpoint_every=10)
+    (tmp_path / "lab.yaml").write_text(yaml.safe_dump(lab))
+    out = tmp_path / "bench"
+    common = ("--subjects", "8", "--lowres-config", str(low), "--superres-config", str(sr))
+    res = _bench("--out", str(out), "--train-subjects", "8", *common, "--labels-config", str(tmp_path / "lab.yaml"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "organs within target" in res.stdout.strip().splitlines()[-1]
+    ids = [sid for sid, _ in _ids_and_heights(out / "heldout")]
+    assert all((out / "generated" / "labels" / f"{sid}.nii.gz").is_file() for sid in ids)
+    sidecar = json.loads((out / "generated" / "meta" / f"{ids[0]}.json").read_text())
+    assert sidecar["labels"]["label_stage"]["step"] == 10
+    md = (out / "fidelity.md").read_text()
+    assert "## Organs: generated labels" in md and "label stage 10" in md, md[:900]
+    assert "generated 8" in (out / "comparison" / "comparison.md").read_text()
+
+    ckpts = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ckpt-*.pt")}
+    again = tmp_path / "again"
+    res = _bench("--out", str(again), *common, "--runs-from", str(out / "runs"), "--labels-config",
+                 str(tmp_path / "lab.yaml"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ckpt-*.pt")} == ckpts, "no training"
+    assert "## Organs: generated labels" in (again / "fidelity.md").read_text()
+    res = _bench("--out", str(tmp_path / "x"), *common, "--labels-config", str(tmp_path / "lab.yaml"), "--no-labels")
+    assert res.returncode != 0 and "--no-labels" in res.stderr
+
+
 def test_flow_arm_and_the_side_by_side_table(tmp_path):
     """--objective flow with flow presets, then bench/compare_arms.py against an EDM run of the same seeds."""
     low, sr = _presets(tmp_path)
