@@ -522,20 +522,14 @@ def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | N
     their stage in their metadata.  Training checkpoints are preferred over exported weights.  Returns
     (lowres, superres or None, messages saying what was taken); raises FileNotFoundError naming the folder
     when no low-resolution checkpoint is found."""
-    import yaml
     root = Path(model_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: --model_dir is not a folder")
     found: dict[str, list[Path]] = {"lowres": [], "superres": []}
-    for run in sorted({p.parent for p in root.rglob("ckpt-*.pt")}):
-        ckpt = latest_checkpoint(run)
-        if ckpt is None:
-            continue
-        cfg_file = run / "config.yaml"
-        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else load_checkpoint(ckpt)["config"]
-        if "segment" in (cfg or {}):
+    for ckpt, cfg in _run_configs(root):
+        if "segment" in cfg:
             continue                                     # a label stage (find_label_stage)
-        found["superres" if "lowres_config" in (cfg or {}) else "lowres"].append(ckpt)
+        found["superres" if "lowres_config" in cfg else "lowres"].append(ckpt)
     for weights in sorted(root.rglob("*.safetensors")):
         meta = safetensors_metadata(weights)
         stage = meta.get("stage") if meta.get("format") == "totalgen-unet" else None
@@ -555,18 +549,21 @@ def find_stage_checkpoints(model_dir: str | os.PathLike) -> tuple[Path, Path | N
 def find_label_stage(model_dir: str | os.PathLike) -> Path | None:
     """The newest label stage under ``model_dir`` (a run folder whose config has a ``segment`` section, or exported
     ``labels`` weights), training checkpoints first; None when there is none."""
-    import yaml
     root = Path(model_dir)
-    runs = []
-    for run in sorted({p.parent for p in root.rglob("ckpt-*.pt")}):
-        ckpt = latest_checkpoint(run)
-        cfg_file = run / "config.yaml"
-        if ckpt is None:
-            continue
-        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else load_checkpoint(ckpt)["config"]
-        if "segment" in (cfg or {}):
-            runs.append(ckpt)
+    runs = [ckpt for ckpt, cfg in _run_configs(root) if "segment" in cfg]
     if not runs:
         runs = [w for w in sorted(root.rglob("*.safetensors"))
                 if (m := safetensors_metadata(w)).get("format") == "totalgen-unet" and m.get("stage") == "labels"]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def _run_configs(root: Path):
+    """(newest checkpoint, config dict) of every run folder under ``root``: its config.yaml, else the checkpoint's."""
+    import yaml
+    for run in sorted({p.parent for p in root.rglob("ckpt-*.pt")}):
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            continue
+        cfg_file = run / "config.yaml"
+        cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else load_checkpoint(ckpt)["config"]
+        yield ckpt, cfg or {}
