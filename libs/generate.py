@@ -131,17 +131,24 @@ def load_stage(path: str | os.PathLike, config_cls, stage: str, device: torch.de
     except ChannelError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     net = cfg.model.build(in_channels=in_channels, cond_channels=cond_channels)
+    net = load_weights(net, ckpt, cfg.loop.ema_sigma_rels, path, ema, device)
+    return path, ckpt, cfg, torch.compile(net) if compile else net
+
+
+def load_weights(net: torch.nn.Module, ckpt: dict, ema_sigma_rels, path, ema: bool,
+                 device: torch.device) -> torch.nn.Module:
+    """A checkpoint-like dict's weights into ``net`` (its first EMA's unless ``ema`` is False, or when it has none),
+    in eval mode on ``device``; weights that do not fit the network are refused with one line naming ``path``."""
     try:
         net.load_state_dict(ckpt["model"])
         if ema and ckpt.get("ema"):
-            averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
+            averaged = PowerFunctionEMA(net, ema_sigma_rels)
             averaged.load_state_dict(ckpt["ema"])
             averaged.copy_to(net)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
         raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({first})") from None
-    net = net.eval().to(device, memory_format=training.memory_format(device))
-    return path, ckpt, cfg, torch.compile(net) if compile else net
+    return net.eval().to(device, memory_format=training.memory_format(device))
 
 
 def check_recorded_objective(path, norm: dict, objective: str) -> None:

@@ -302,9 +302,7 @@ def load_label_weights(path: str | os.PathLike, net: torch.nn.Module) -> dict:
 
 def load_label_model(path: str | os.PathLike, device: torch.device | str = "cpu", ema: bool = True) -> LabelModel:
     """A label-stage checkpoint, run folder (its newest checkpoint) or exported ``labels.safetensors``."""
-    from .ema import PowerFunctionEMA
-    from .generate import read_stage_file, resolve_checkpoint
-    from .training import memory_format
+    from .generate import load_weights, read_stage_file, resolve_checkpoint
     path = resolve_checkpoint(path)
     ckpt = read_stage_file(path, STAGE)
     if not is_label_config(ckpt.get("config")):
@@ -314,18 +312,8 @@ def load_label_model(path: str | os.PathLike, device: torch.device | str = "cpu"
         channels = ChannelSet.from_record(ckpt["normalization"])
     except ChannelError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    net = build_net(cfg, channels.n_classes)
-    try:
-        net.load_state_dict(ckpt["model"])
-        if ema and ckpt.get("ema"):
-            averaged = PowerFunctionEMA(net, cfg.loop.ema_sigma_rels)
-            averaged.load_state_dict(ckpt["ema"])
-            averaged.copy_to(net)
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
-        raise CheckpointError(f"{path}: its weights do not fit the network its config describes ({first})") from None
     device = torch.device(device)
-    net = net.eval().to(device, memory_format=memory_format(device))
+    net = load_weights(build_net(cfg, channels.n_classes), ckpt, cfg.loop.ema_sigma_rels, path, ema, device)
     return LabelModel(net, cfg, ckpt["normalization"], Path(path), sha256_file(path), int(ckpt["step"]), device)
 
 
