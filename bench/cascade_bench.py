@@ -422,13 +422,14 @@ def _paper_cpu_note() -> str:
     pairing = Pairing.of(lr_cfg)
     win, n = _windows(sr_cfg, pairing)
     per_eval = n * PAPER_FORWARD_CPU_S
-    days = _evals(sr_cfg.sample.solver, 100) * per_eval / 86400
+    sample = sr_cfg.sample
+    evals = _evals(sample.solver, sample.steps)
     grid, shape = "×".join(map(str, pairing.grid)), "×".join(map(str, win))
     return (f"paper size on CPU is impractical: one paper-preset UNet forward on one {shape} window takes "
             f"~{PAPER_FORWARD_CPU_S:.0f} s on one core of the machine this script was written on, and one {grid} SR "
-            f"evaluation needs {n} windows (~{per_eval / 60:.0f} core-minutes), so 100 Heun SR steps "
-            f"({_evals(sr_cfg.sample.solver, 100)} evaluations) would take ~{days:.0f} core-days per subject; "
-            "measure paper size with --device cuda")
+            f"evaluation needs {n} windows (~{per_eval / 60:.0f} core-minutes), so the preset's {sample.steps} "
+            f"{sample.solver} SR steps ({evals} evaluations) would take ~{evals * per_eval / 3600:.0f} core-hours per "
+            "subject; measure paper size with --device cuda")
 
 
 def _environment(size: str, device: str, threads: int, window_batch: int) -> dict:
@@ -488,15 +489,22 @@ def _header(env: dict, batch: int, warmup: int) -> str:
 # CLI
 
 
+# The paper presets' sampler until 2026-12-05 (Heun 32 per stage, SR from 160·σ_data), kept as a row of the table.
+PAPER_BEFORE = Recipe("paper presets before", "heun", 32, "heun", 32, (56, 56, 96), 0.25, "160·σ_data")
+
+
 def standard_recipes() -> list[Recipe]:
-    """The research code's recipe, the paper presets', and the bench presets' sampler on the paper windows."""
+    """The research code's recipe, the paper presets' earlier and current ones, and the bench presets' sampler on
+    the paper windows when it differs from the paper presets'."""
     paper_low, paper_sr = _configs("paper")
     bench_low = load_config(CONFIGS / "lowres_bench.yaml", LowresConfig)
     bench_sr = load_config(CONFIGS / "superres_bench.yaml", SRConfig)
-    bench = preset_recipe("bench sampler", bench_low, bench_sr)
-    return [RESEARCH, preset_recipe("paper presets", paper_low, paper_sr),
-            dataclasses.replace(bench, window=tuple(paper_sr.window.size or paper_sr.data.patch),
-                                overlap=paper_sr.window.overlap)]
+    paper = preset_recipe("paper presets", paper_low, paper_sr)
+    bench = dataclasses.replace(preset_recipe("bench sampler", bench_low, bench_sr),
+                                window=tuple(paper_sr.window.size or paper_sr.data.patch),
+                                overlap=paper_sr.window.overlap)
+    same = dataclasses.replace(bench, name=paper.name) == paper
+    return [RESEARCH, PAPER_BEFORE, paper] + ([] if same else [bench])
 
 
 def _flops(specs: tuple[str, ...], json_out: str | None) -> None:

@@ -3,8 +3,8 @@
 # part has its own time limit, so a slow part is recorded as such and the rest still runs):
 #   1. network FLOPs per subject of the standard recipes (meta tensors, seconds);
 #   2. seconds per subject at the paper size, random weights (time does not depend on them), peak memory:
-#      the bench presets' sampler (Heun 24 + Euler 10 over the 125 paper windows), eager (and under torch.compile
-#      with COMPILE_SAMPLING=1),
+#      the paper presets' sampler (Heun 24 + Euler 10 over the 125 paper windows; the bench presets' too), eager
+#      (and under torch.compile with COMPILE_SAMPLING=1),
 #      and the research code's recipe (Heun 100 + Heun 100, four 224 x 224 x 112 SR chunks) timed on 10 of its
 #      100 steps per stage (19 of 199 calls; a call costs the same at every step, so its 199-call time is
 #      extrapolated in gpu_suite.json and labelled so);
@@ -32,7 +32,7 @@ COMPILE_LIMIT=${LIMIT:-${COMPILE_LIMIT:-240}}
 COMPILE_SAMPLING=${COMPILE_SAMPLING:-0}   # 1: also time the new recipe under torch.compile
 mkdir -p "$OUT"
 RESEARCH="research code, 10 of 100 steps: lowres=heun:10, sr=heun:10, window=224x224x112, overlap=0.1, sigma_max=80"
-NEW="bench sampler: lowres=heun:24, sr=euler:10, window=56x56x96, overlap=0.25, sigma_max=4·σ_data"
+NEW="paper presets: lowres=heun:24, sr=euler:10, window=56x56x96, overlap=0.25, sigma_max=20·σ_data"
 STATUS=()
 
 part() {          # part NAME SECONDS COMMAND...: run with a time limit, keep its output, note how it ended

@@ -35,3 +35,23 @@ def test_sr_from_true_lr_keeps_body_and_lungs_of_each_sex(tmp_path):
         assert 0.85 < r["suv_mean"] < 1.15, r
         assert 0.75 < r["ct_roughness_hu"] < 1.3, r
     assert "sex M (n 1): volume_ml" in res.stdout
+
+
+def test_sampler_overrides_replace_the_recorded_settings_or_are_refused():
+    import click
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sr_quality import sampler_settings
+
+    from libs.superres import SRSampleConfig
+
+    recorded = SRSampleConfig(solver="euler", steps=10, sigma_max_ratio=20.0, churn=4.0)
+    assert sampler_settings(recorded, None, None, None) == recorded
+    paper = sampler_settings(recorded, "heun:32", 160.0, 0.0)
+    assert (paper.solver, paper.steps, paper.sigma_max_ratio, paper.churn) == ("heun", 32, 160.0, 0.0)
+    assert paper.cond_noise == recorded.cond_noise and paper.rho == recorded.rho
+    with pytest.raises(click.BadParameter, match="SOLVER:N"):
+        sampler_settings(recorded, "heun", None, None)
+    with pytest.raises(click.BadParameter):
+        sampler_settings(recorded, "rk4:10", None, None)
